@@ -1,0 +1,24 @@
+"""Hydra entry point: compose conf/, run the pipeline, write and report the points.
+
+    python run.py                                   # built-in default: MiniLM on BBC News
+    python run.py -m sparsity.alpha=0,1e-3,1e-2     # a sweep; shared phases train once
+    python run.py routing=topk routing.ks=[1,2,4,8]
+"""
+from __future__ import annotations
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from d2dmoe.cli import run_job
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_job(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

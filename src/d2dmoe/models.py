@@ -1,0 +1,97 @@
+"""Model-family adapters: the only code that knows where a family keeps its FFNs and what it costs.
+
+An adapter builds the task model (pretrained or from a config), puts a family-independent `FFN`
+module in place of each block's feed-forward network, and gives the analytic MAC count of the
+parts that are not FFNs. Everything downstream (sparsify, split, routers, cost) sees only `FFN`/`MoE`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .moe import FFN
+
+
+@dataclass(frozen=True)
+class Dims:
+    layers: int
+    d: int  # model width
+    d_ff: int  # FFN width
+    num_labels: int
+
+
+class BertAdapter:
+    """transformers' BERT encoders (BERT, MiniLM, ...) with a sequence-classification head."""
+
+    family = "bert"
+
+    def __init__(self, name: str, path: str, family: str = "bert", pretrained: bool = True,
+                 config: dict | None = None, attn_implementation: str = "sdpa"):
+        if family != self.family:
+            raise ValueError(f"model.family={family!r} does not match {type(self).__name__} ({self.family!r})")
+        self.name, self.path, self.pretrained = name, path, pretrained
+        self.config_overrides = dict(config or {})
+        self.attn_implementation = attn_implementation
+
+    def hf_config(self, num_labels: int):
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(self.path, num_labels=num_labels, **self.config_overrides)
+        cfg._attn_implementation = self.attn_implementation
+        return cfg
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def dims(self, num_labels: int) -> Dims:
+        c = self.hf_config(num_labels)
+        return Dims(c.num_hidden_layers, c.hidden_size, c.intermediate_size, num_labels)
+
+    def build(self, num_labels: int, weights: bool = True) -> nn.Module:
+        """The dense classifier; pretrained weights when configured and `weights`, else initialised."""
+        from transformers import AutoModelForSequenceClassification
+
+        cfg = self.hf_config(num_labels)
+        torch.manual_seed(0)  # the fresh head (and a model built from a config) starts the same every time
+        if self.pretrained and weights:
+            return AutoModelForSequenceClassification.from_pretrained(self.path, config=cfg)
+        return AutoModelForSequenceClassification.from_config(cfg)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.bert.encoder.layer)
+
+    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
+        """Put an `FFN` in each block: `intermediate` computes the whole FFN, `output.dense` becomes
+        the identity (BertOutput then adds dropout, the residual and LayerNorm as before).
+        activation=None keeps the model's own (GELU); otherwise a copy of it goes in every FFN."""
+        for block in self.blocks(model):
+            if isinstance(block.intermediate, FFN):
+                ffn = block.intermediate
+                if activation is not None:
+                    ffn.act = copy.deepcopy(activation)
+                continue
+            inter, out = block.intermediate, block.output
+            act = copy.deepcopy(activation) if activation is not None else inter.intermediate_act_fn
+            block.intermediate = FFN(inter.dense, out.dense, act)
+            out.dense = nn.Identity()
+        return model
+
+    def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(parent, attribute) of each block's FFN, for swapping it for an MoE."""
+        return [(block, "intermediate") for block in self.blocks(model)]
+
+    def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """MACs of everything except the FFNs, per sample with `tokens` real tokens ([B] -> [B]).
+        Per layer: Q, K, V, O projections (4 T d^2) and attention scores and mixing (2 T^2 d);
+        then the pooler on [CLS] (d^2) and the classifier (d C). Embeddings and norms: no MACs."""
+        t = tokens.double()
+        per_layer = 4 * t * dims.d**2 + 2 * t**2 * dims.d
+        return dims.layers * per_layer + dims.d**2 + dims.d * dims.num_labels
+
+
+ADAPTERS = {"bert": BertAdapter}

@@ -1,0 +1,141 @@
+"""FFN, MoE layer, router and gates.
+
+Shapes: B batch, T tokens, d model width, F = d_ff FFN width, E experts, s = F / E neurons per expert.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FFN(nn.Module):
+    """The dense FFN, family-independent: x -> w2(act(w1 x)). Adapters put one in every block."""
+
+    def __init__(self, w1: nn.Linear, w2: nn.Linear, act: nn.Module):
+        super().__init__()
+        self.w1, self.act, self.w2 = w1, act, w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)))
+
+
+class Router(nn.Module):
+    """Predicts each expert's output norm: d -> hidden -> E, ReLU between, abs on the output, no biases."""
+
+    def __init__(self, d: int, num_experts: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, num_experts, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).abs()  # [..., E] >= 0
+
+
+class AllExperts:
+    """Run every expert: the MoE then equals the dense FFN."""
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(scores, dtype=torch.bool)
+
+    def __repr__(self) -> str:
+        return "AllExperts()"
+
+
+class DynamicKGate:
+    """Dynamic-k: run expert e iff r_e >= tau * max_j r_j. tau=0 runs all, tau=1 only the top one(s)."""
+
+    def __init__(self, tau: float):
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau must lie in [0, 1], got {tau}")
+        self.tau = tau
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        # the maximum always satisfies the rule, so at least one expert runs
+        return scores >= self.tau * scores.amax(dim=-1, keepdim=True)
+
+    def __repr__(self) -> str:
+        return f"DynamicKGate(tau={self.tau})"
+
+
+class TopKGate:
+    """Top-k: run the k experts with the largest router scores."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.topk(min(self.k, scores.shape[-1]), dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+    def __repr__(self) -> str:
+        return f"TopKGate(k={self.k})"
+
+
+class MoE(nn.Module):
+    """An FFN cut into E experts. Expert e owns rows e*s..(e+1)*s of w1/b1 and the same columns of w2;
+    the output bias b2 is added once, outside the experts. Gates are binary: outputs are not scaled.
+
+    Execution is masked: every expert is computed and the unselected ones are zeroed. This gives the
+    same numbers as running only the selected experts; the cost model counts only the selected ones.
+    """
+
+    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                 act: nn.Module, router: Router):
+        super().__init__()
+        self.num_experts, self.expert_size, self.d = w1.shape  # w1: [E, s, d]
+        self.w1 = nn.Parameter(w1)  # [E, s, d]
+        self.b1 = nn.Parameter(b1)  # [E, s]
+        self.w2 = nn.Parameter(w2)  # [E, d, s]
+        self.b2 = nn.Parameter(b2)  # [d]
+        self.act = act
+        self.router = router
+        self.gate = AllExperts()
+        self.last_mask: torch.Tensor | None = None  # [B, T, E] of the last forward, for cost counting
+
+    @classmethod
+    def from_ffn(cls, ffn: FFN, experts: list[torch.Tensor], router: Router) -> "MoE":
+        """experts[e] holds the neuron indices of expert e; all of one size."""
+        order = torch.cat(experts)
+        E, s = len(experts), len(experts[0])
+        w1 = ffn.w1.weight.detach()[order].reshape(E, s, -1)
+        b1 = ffn.w1.bias.detach()[order].reshape(E, s)
+        w2 = ffn.w2.weight.detach()[:, order].reshape(-1, E, s).transpose(0, 1)
+        return cls(w1.clone(), b1.clone(), w2.contiguous(), ffn.w2.bias.detach().clone(), ffn.act, router)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's activations: [..., d] -> [..., E, s]."""
+        flat = x @ self.w1.reshape(-1, self.d).T + self.b1.reshape(-1)  # [..., E*s]
+        return self.act(flat).unflatten(-1, (self.num_experts, self.expert_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.gate(self.router(x))  # [B, T, E]
+        self.last_mask = mask
+        h = self.hidden(x) * mask.unsqueeze(-1)  # [B, T, E, s]
+        w2 = self.w2.transpose(0, 1).reshape(self.d, -1)  # [d, E*s]
+        return h.flatten(-2) @ w2.T + self.b2  # [B, T, d]
+
+    @torch.no_grad()
+    def expert_norms(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """Router targets: ||W2_e act(W1_e x + b1_e)||_2 for every expert. x: [N, d] -> [N, E]."""
+        out = []
+        for xc in x.split(chunk):
+            h = self.hidden(xc)  # [n, E, s]
+            out.append(torch.einsum("nes,eds->ned", h, self.w2).norm(dim=-1))  # [n, E]
+        return torch.cat(out)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def ffn_layers(model: nn.Module) -> list[FFN]:
+    return [m for m in model.modules() if isinstance(m, FFN)]
+
+
+def set_gate(model: nn.Module, gate) -> None:
+    """Give every MoE layer of the model the same expert-selection rule."""
+    for moe in moe_layers(model):
+        moe.gate = gate

@@ -1,0 +1,1 @@
+"""One module per conversion phase. Training phases are LightningModules run by Lightning's Trainer."""

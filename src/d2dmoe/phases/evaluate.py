@@ -1,0 +1,54 @@
+"""`evaluate`: accuracy and mean MACs per sample of one model at one expert-selection rule."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from ..cost import dense_macs, moe_model_macs
+from ..moe import moe_layers
+from .finetune import model_inputs
+
+
+class Evaluation(L.LightningModule):
+    """Run with `trainer.test`; afterwards `accuracy`, `macs` (mean per sample) and `experts_per_token`."""
+
+    def __init__(self, model: torch.nn.Module, adapter, dims):
+        super().__init__()
+        self.model, self.adapter, self.dims = model, adapter, dims
+
+    def on_test_epoch_start(self) -> None:
+        self.samples = self.correct = 0
+        self.macs_sum = self.dense_macs_sum = 0.0
+        self.pairs = self.tokens = 0.0
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self.model(**model_inputs(batch)).logits
+        mask = batch["attention_mask"]
+        tokens = mask.sum(-1)
+        self.samples += len(logits)
+        self.correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        self.dense_macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
+        moes = moe_layers(self.model)
+        if moes:
+            self.macs_sum += float(moe_model_macs(self.adapter, self.model, mask, self.dims).sum())
+            self.pairs += sum(float((m.last_mask.sum(-1) * mask).sum()) for m in moes) / len(moes)
+            self.tokens += float(tokens.sum())
+        else:
+            self.macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.samples
+
+    @property
+    def macs(self) -> float:
+        return self.macs_sum / self.samples
+
+    @property
+    def dense_macs(self) -> float:
+        """Mean MACs of the dense model on the same samples: the denominator of rel_cost."""
+        return self.dense_macs_sum / self.samples
+
+    @property
+    def experts_per_token(self) -> float | None:
+        return self.pairs / self.tokens if self.tokens else None

@@ -1,0 +1,41 @@
+"""`split`: cut each FFN into equal experts by balanced k-means on the unit-normalised rows of W1.
+No training. Clustering uses `k-means-constrained` (min = max cluster size = d_ff / E)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..moe import FFN, MoE, Router
+
+
+def balanced_clusters(w1: torch.Tensor, num_experts: int, seed: int = 0, n_init: int = 3) -> list[torch.Tensor]:
+    """Rows of w1 [F, d] -> E index tensors of F/E neurons each, a partition of range(F)."""
+    from k_means_constrained import KMeansConstrained
+
+    size = w1.shape[0] // num_experts
+    points = F.normalize(w1.detach().double(), dim=1).cpu().numpy()
+    labels = KMeansConstrained(n_clusters=num_experts, size_min=size, size_max=size,
+                               random_state=seed, n_init=n_init).fit_predict(points)
+    labels = torch.as_tensor(labels)
+    return [torch.nonzero(labels == e).flatten() for e in range(num_experts)]
+
+
+def split_model(adapter, model: torch.nn.Module, num_experts: int, router_hidden: int,
+                seed: int = 0, n_init: int = 3) -> torch.nn.Module:
+    """Replace every FFN of the model by an MoE with a fresh (untrained) router, in place."""
+    torch.manual_seed(seed)
+    for parent, attr in adapter.ffn_slots(model):
+        ffn: FFN = getattr(parent, attr)
+        experts = balanced_clusters(ffn.w1.weight, num_experts, seed, n_init)
+        router = Router(ffn.w1.in_features, num_experts, router_hidden)
+        setattr(parent, attr, MoE.from_ffn(ffn, experts, router))
+    return model
+
+
+def moe_skeleton(adapter, model: torch.nn.Module, num_experts: int, router_hidden: int) -> torch.nn.Module:
+    """MoE layers of the right shapes with a trivial expert assignment, for loading saved weights."""
+    for parent, attr in adapter.ffn_slots(model):
+        ffn: FFN = getattr(parent, attr)
+        experts = list(torch.arange(ffn.w1.out_features).chunk(num_experts))
+        setattr(parent, attr, MoE.from_ffn(ffn, experts, Router(ffn.w1.in_features, num_experts, router_hidden)))
+    return model

@@ -1,0 +1,171 @@
+"""Runs the phases in order: dense -> sparsify -> split -> routers -> evaluate.
+The only place that knows the order. Each trained phase is an artifact named by the config it
+depends on, so a run reuses whatever an earlier run with the same upstream config produced."""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .artifacts import Artifact
+from .models import Dims
+from .moe import DynamicKGate, TopKGate, set_gate
+from .phases.evaluate import Evaluation
+from .phases.finetune import ClassifierTraining
+from .phases.routers import RouterTraining
+from .phases.split import moe_skeleton, split_model
+from .validate import check_config, check_model, num_experts
+
+log = logging.getLogger(__name__)
+
+# what a phase's data depends on: batch sizes and limits shape training; the cache dir does not
+DATA_KEYS_IGNORED = ("cache_dir", "eval_batch_size")
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+@dataclass
+class Context:
+    cfg: DictConfig
+    adapter: object
+    data: L.LightningDataModule
+    dims: Dims
+    wandb_run: object = None  # the job's W&B run; each training phase logs to it under its own prefix
+
+    def new_model(self, stage: str) -> nn.Module:
+        """The architecture a phase's weights load into: dense, relu (FFNs swapped), or moe."""
+        model = self.adapter.build(self.dims.num_labels, weights=False)
+        if stage in ("relu", "moe"):
+            self.adapter.install_ffns(model, nn.ReLU())
+        if stage == "moe":
+            moe_skeleton(self.adapter, model, num_experts(self.cfg, self.dims), self.cfg.routing.router.hidden)
+        return model
+
+    def fit(self, module: L.LightningModule, settings: DictConfig, phase: str) -> L.Trainer:
+        logger = False
+        if self.wandb_run is not None:
+            from lightning.pytorch.loggers import WandbLogger
+
+            logger = WandbLogger(experiment=self.wandb_run, prefix=phase)
+        trainer = instantiate(self.cfg.trainer, max_epochs=settings.epochs,
+                              max_steps=settings.get("max_steps", -1), logger=logger)
+        trainer.fit(module, datamodule=self.data)
+        return trainer
+
+    def test(self, module: Evaluation) -> Evaluation:
+        trainer = instantiate(self.cfg.trainer, logger=False)
+        trainer.test(module, datamodule=self.data, verbose=False)
+        return module
+
+
+def build_context(cfg: DictConfig, wandb_run=None) -> Context:
+    check_config(cfg)
+    adapter = instantiate(cfg.model)
+    data = instantiate(cfg.data, tokenizer=adapter.tokenizer())
+    data.prepare_data()
+    data.setup()
+    dims = adapter.dims(data.num_labels)
+    check_model(cfg, dims)
+    return Context(cfg, adapter, data, dims, wandb_run)
+
+
+def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
+    """Every trained phase's artifact; each spec holds its own settings and its upstream's key.
+    Evaluation-only settings (routing.taus, routing.ks, routing.rule) are in none of them."""
+    root = cfg.artifacts_dir
+    data = {k: v for k, v in plain(cfg.data).items() if k not in DATA_KEYS_IGNORED}
+    dense = Artifact(root, "dense", {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense),
+                                     "seed": cfg.seed})
+    sparsify = Artifact(root, "sparsify", {"upstream": dense.key, "sparsity": plain(cfg.sparsity)})
+    split = Artifact(root, "split", {"upstream": sparsify.key, "experts": plain(cfg.experts),
+                                     "router_hidden": cfg.routing.router.hidden})
+    routers = Artifact(root, "routers", {"upstream": split.key, "router": plain(cfg.routing.router)})
+    return {"dense": dense, "sparsify": sparsify, "split": split, "routers": routers}
+
+
+def obtain(ctx: Context, art: Artifact, stage: str, make) -> nn.Module:
+    """The artifact's model if it exists; otherwise `make()` -> (model, info), saved, then returned."""
+    if art.exists():
+        log.info("reusing %s", art.dir)
+        return art.load_into(ctx.new_model(stage))
+    L.seed_everything(ctx.cfg.seed, verbose=False)
+    model, info = make()
+    art.save(model, info)
+    return model
+
+
+def metrics(trainer: L.Trainer) -> dict:
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def train_dense(ctx: Context):
+    model = ctx.adapter.build(ctx.dims.num_labels)
+    s = ctx.cfg.dense
+    trainer = ctx.fit(ClassifierTraining(model, s.lr, s.weight_decay, s.warmup_fraction), s, "dense")
+    return model, metrics(trainer)
+
+
+def sparsify(ctx: Context, dense: nn.Module):
+    model = ctx.adapter.install_ffns(copy.deepcopy(dense), nn.ReLU())  # the dense model stays the reference
+    s = ctx.cfg.sparsity
+    module = ClassifierTraining(model, s.lr, s.weight_decay, s.warmup_fraction, s.penalty, s.alpha, s.schedule)
+    trainer = ctx.fit(module, s, "sparsify")
+    return model, metrics(trainer)
+
+
+def split(ctx: Context, sparse: nn.Module):
+    e = ctx.cfg.experts
+    model = split_model(ctx.adapter, sparse, num_experts(ctx.cfg, ctx.dims), ctx.cfg.routing.router.hidden,
+                        seed=e.seed, n_init=e.kmeans_n_init)
+    return model, {}
+
+
+def train_routers(ctx: Context, moe: nn.Module):
+    r = ctx.cfg.routing.router
+    trainer = ctx.fit(RouterTraining(moe, r.lr, r.weight_decay), r, "routers")
+    return moe, metrics(trainer)
+
+
+def gates(cfg: DictConfig) -> list[tuple[dict, object]]:
+    """(point fields, gate) for every value of the routing rule's evaluation list."""
+    if cfg.routing.rule == "dynk":
+        return [({"tau": float(t), "k": None}, DynamicKGate(float(t))) for t in cfg.routing.taus]
+    return [({"tau": None, "k": int(k)}, TopKGate(int(k))) for k in cfg.routing.ks]
+
+
+def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> list[dict]:
+    cfg = ctx.cfg
+    common = {"model": cfg.model.name, "data": cfg.data.name, "alpha": float(cfg.sparsity.alpha),
+              "penalty": cfg.sparsity.penalty, "num_experts": num_experts(cfg, ctx.dims),
+              "metric": "accuracy", "split": "test"}
+    ref = ctx.test(Evaluation(dense.eval(), ctx.adapter, ctx.dims))
+    points = [{**common, "method": "dense", "rule": "dense", "tau": None, "k": None, "macs": ref.macs,
+               "rel_cost": 1.0, "value": ref.accuracy, "experts_per_token": None}]
+    for fields, gate in gates(cfg):
+        set_gate(moe, gate)
+        ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims))
+        points.append({**common, "method": "d2dmoe", "rule": cfg.routing.rule, **fields, "macs": ev.macs,
+                       "rel_cost": ev.macs / ref.macs, "value": ev.accuracy,
+                       "experts_per_token": ev.experts_per_token})
+        log.info("%s: accuracy %.4f rel_cost %.4f", gate, ev.accuracy, ev.macs / ref.macs)
+    return points
+
+
+def run(cfg: DictConfig, wandb_run=None) -> list[dict]:
+    """All phases for one config; returns the evaluated points (the dense reference first).
+    Upstream phases are loaded or trained only when a downstream artifact is missing."""
+    ctx = build_context(cfg, wandb_run)
+    art = artifacts(cfg)
+    dense = obtain(ctx, art["dense"], "dense", lambda: train_dense(ctx))
+    sparse = lambda: obtain(ctx, art["sparsify"], "relu", lambda: sparsify(ctx, dense))  # noqa: E731
+    moe = lambda: obtain(ctx, art["split"], "moe", lambda: split(ctx, sparse()))  # noqa: E731
+    routed = obtain(ctx, art["routers"], "moe", lambda: train_routers(ctx, moe()))
+    return evaluate_phase(ctx, dense, routed)

@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import d2dmoe  # noqa: E402,F401  (registers the ${pkgdir:...} resolver)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_config(overrides=(), artifacts_dir=None):
+    """The real composed config, as run.py sees it (without Hydra's runtime section)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        extra = [f"artifacts_dir={artifacts_dir}"] if artifacts_dir else []
+        return compose(config_name="config", overrides=list(overrides) + extra)
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path):
+    """The smoke experiment (tiny BERT, a slice of BBC News), with its artifacts under tmp_path."""
+    return compose_config(["experiment=smoke"], artifacts_dir=tmp_path / "artifacts")

@@ -1,0 +1,77 @@
+"""Every config composes; bad values stop before any compute with a message naming the key."""
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from d2dmoe.models import Dims
+from d2dmoe.validate import ConfigError, check_config, check_model
+from tests.conftest import CONF, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_passes_checks(name):
+    cfg = compose_config([f"experiment={name}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    check_config(cfg)
+
+
+def test_experiments_exist():
+    assert {"minilm_carer", "bert_carer", "smoke"} <= set(EXPERIMENTS)
+
+
+def test_default_is_minilm_on_bbc_news():
+    cfg = compose_config()
+    assert (cfg.model.name, cfg.data.name, cfg.routing.rule) == ("minilm", "bbc_news", "dynk")
+    assert Path(cfg.model.path, "model.safetensors").is_file()
+    assert Path(cfg.data.path, "sports").is_dir()
+
+
+def test_topk_routing_shares_the_router_settings():
+    dynk, topk = compose_config(), compose_config(["routing=topk", "routing.ks=[1,2,4,8]"])
+    assert dynk.routing.router == topk.routing.router
+    assert list(topk.routing.ks) == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["routing.taus=[0.5,1.5]"], "routing.taus"),
+    (["routing.taus=[-0.1]"], "routing.taus"),
+    (["routing.taus=[]"], "routing.taus"),
+    (["routing=topk", "routing.ks=[0,2]"], "routing.ks"),
+    (["routing=topk", "routing.ks=[]"], "routing.ks"),
+    (["sparsity.alpha=-0.01"], "sparsity.alpha"),
+    (["sparsity.penalty=l3"], "sparsity.penalty"),
+    (["sparsity.schedule=cosine"], "sparsity.schedule"),
+    (["experts.expert_size=24"], "experts"),
+    (["model.family=resnet"], "model.family"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_config(overrides))
+    assert err.value.key == key
+    assert str(err.value).startswith(key)
+
+
+MINILM = Dims(layers=6, d=384, d_ff=1536, num_labels=5)
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["experts.num_experts=100"], "experts.num_experts", "does not divide the FFN width 1536"),
+    (["experts.num_experts=null", "experts.expert_size=25"], "experts.expert_size", "does not divide"),
+    (["routing=topk", "routing.ks=[1,65]"], "routing.ks", "exceeds the number of experts 64"),
+])
+def test_shape_checks_name_the_key(overrides, key, words):
+    cfg = compose_config(overrides)
+    check_config(cfg)
+    with pytest.raises(ConfigError, match=words) as err:
+        check_model(cfg, MINILM)
+    assert err.value.key == key
+
+
+def test_unknown_model_or_data_name_lists_the_choices():
+    for group in ("model", "data"):
+        with pytest.raises(HydraException, match=f"Available options in '{group}'"):
+            compose_config([f"{group}=no_such_thing"])

@@ -1,0 +1,79 @@
+"""The analytic MAC count against torch's FlopCounterMode (2 FLOPs per MAC for matmuls)."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from d2dmoe.cost import dense_macs, moe_model_macs
+from d2dmoe.models import BertAdapter
+from d2dmoe.phases.split import split_model
+from tests.conftest import compose_config
+
+
+def tiny_adapter(layers=2, d=32, d_ff=64, heads=2):
+    cfg = compose_config(["model=tiny_bert"]).model
+    config = {"hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": d_ff}
+    # eager attention: explicit matmuls that FlopCounterMode sees on the CPU
+    return BertAdapter(cfg.name, cfg.path, pretrained=False, config=config, attn_implementation="eager")
+
+
+def counted_macs(model, input_ids, attention_mask) -> float:
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    return counter.get_total_flops() / 2
+
+
+def padded_batch(lengths, vocab=1000):
+    torch.manual_seed(0)
+    T = max(lengths)
+    ids = torch.randint(5, vocab, (len(lengths), T))
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+@pytest.mark.parametrize("dims", [(2, 32, 64, 2), (3, 48, 96, 4)])
+@pytest.mark.parametrize("lengths", [[7], [5, 12, 3], [16, 16]])
+def test_dense_macs_match_flop_counter(dims, lengths):
+    """Analytic cost of each sample in a padded batch = counted cost of that sample run alone."""
+    adapter = tiny_adapter(*dims)
+    model = adapter.build(num_labels=5).eval()
+    model_dims = adapter.dims(5)
+    ids, mask = padded_batch(lengths)
+    analytic = dense_macs(adapter, mask.sum(-1), model_dims)
+    for i, n in enumerate(lengths):
+        counted = counted_macs(model, ids[i:i + 1, :n], mask[i:i + 1, :n])
+        assert analytic[i].item() == pytest.approx(counted, rel=1e-9)
+
+
+@pytest.mark.parametrize("lengths", [[9], [4, 11]])
+def test_moe_macs_with_all_experts_match_flop_counter(lengths):
+    """With every expert active the masked MoE computes all of them: counter = analytic."""
+    adapter = tiny_adapter()
+    model = adapter.build(num_labels=3).eval()
+    adapter.install_ffns(model, nn.ReLU())
+    split_model(adapter, model, num_experts=8, router_hidden=16, n_init=1)
+    model_dims = adapter.dims(3)
+    ids, mask = padded_batch(lengths)
+    for i, n in enumerate(lengths):
+        counted = counted_macs(model, ids[i:i + 1, :n], mask[i:i + 1, :n])
+        analytic = moe_model_macs(adapter, model, mask[i:i + 1, :n], model_dims)
+        assert analytic.item() == pytest.approx(counted, rel=1e-9)
+
+
+def test_moe_macs_count_only_executed_pairs_on_real_tokens():
+    adapter = tiny_adapter()
+    model = adapter.build(num_labels=3).eval()
+    adapter.install_ffns(model, nn.ReLU())
+    split_model(adapter, model, num_experts=8, router_hidden=16, n_init=1)
+    d = adapter.dims(3)
+    ids, mask = padded_batch([4, 10])
+    model(input_ids=ids, attention_mask=mask)
+    moes = [m for m in model.modules() if m.__class__.__name__ == "MoE"]
+    for m in moes:  # pretend exactly 3 experts ran for every position, padding included
+        m.last_mask = torch.zeros(2, 10, 8, dtype=torch.bool)
+        m.last_mask[..., :3] = True
+    tokens = torch.tensor([4.0, 10.0])
+    router = 32 * 16 + 16 * 8
+    expert = 2 * 32 * (64 // 8)
+    expected = adapter.fixed_macs(tokens, d) + d.layers * tokens * (router + 3 * expert)
+    torch.testing.assert_close(moe_model_macs(adapter, model, mask, d), expected.double())

@@ -1,0 +1,140 @@
+"""MoE layer, gates and router targets against independent references."""
+import pytest
+import torch
+from torch import nn
+
+from d2dmoe.moe import FFN, MoE, AllExperts, DynamicKGate, Router, TopKGate
+from d2dmoe.phases.split import balanced_clusters
+
+
+def random_ffn(d=16, f=48, act=None):
+    torch.manual_seed(0)
+    return FFN(nn.Linear(d, f), nn.Linear(f, d), act or nn.ReLU())
+
+
+def split_ffn(ffn, num_experts):
+    experts = balanced_clusters(ffn.w1.weight, num_experts, seed=0, n_init=1)
+    return MoE.from_ffn(ffn, experts, Router(ffn.w1.in_features, num_experts, 8)), experts
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.GELU()])
+def test_all_experts_equal_dense_ffn(act):
+    ffn = random_ffn(act=act)
+    moe, _ = split_ffn(ffn, 6)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(moe(x), ffn(x), rtol=1e-5, atol=1e-6)
+    assert moe.last_mask.all()
+
+
+def test_experts_outputs_sum_to_dense():
+    """Each expert computed alone by hand from the dense weights; their sum plus b2 is the FFN."""
+    ffn = random_ffn()
+    moe, experts = split_ffn(ffn, 4)
+    x = torch.randn(7, 16)
+    total = ffn.w2.bias.clone()
+    for idx in experts:
+        h = torch.relu(x @ ffn.w1.weight[idx].T + ffn.w1.bias[idx])
+        total = total + h @ ffn.w2.weight[:, idx].T
+    torch.testing.assert_close(moe(x[None])[0], total, rtol=1e-5, atol=1e-6)
+
+
+def test_split_is_a_partition_into_equal_experts():
+    w1 = torch.randn(96, 10)
+    experts = balanced_clusters(w1, 8, seed=0, n_init=1)
+    assert len(experts) == 8
+    assert all(len(e) == 12 for e in experts)
+    assert sorted(torch.cat(experts).tolist()) == list(range(96))
+
+
+def test_split_groups_similar_neurons():
+    """Rows drawn around 4 well-separated directions must come out as exactly those 4 groups."""
+    torch.manual_seed(0)
+    centres = torch.eye(4, 12) * 10
+    w1 = centres.repeat_interleave(5, 0) + 0.1 * torch.randn(20, 12)
+    experts = balanced_clusters(w1, 4, seed=0, n_init=1)
+    assert sorted(sorted((e // 5).tolist()) for e in experts) == [[g] * 5 for g in range(4)]
+
+
+def test_router_targets_are_expert_output_norms():
+    ffn = random_ffn()
+    moe, experts = split_ffn(ffn, 4)
+    x = torch.randn(9, 16)
+    by_hand = torch.stack([
+        (torch.relu(x @ ffn.w1.weight[idx].T + ffn.w1.bias[idx]) @ ffn.w2.weight[:, idx].T).norm(dim=-1)
+        for idx in experts], dim=-1)
+    torch.testing.assert_close(moe.expert_norms(x, chunk=4), by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_router_shape_and_sign():
+    router = Router(16, 6, hidden=128)
+    first, act, second = router.net
+    assert (first.in_features, first.out_features, first.bias) == (16, 128, None)
+    assert (second.in_features, second.out_features, second.bias) == (128, 6, None)
+    assert isinstance(act, nn.ReLU)
+    assert (router(torch.randn(4, 16)) >= 0).all()
+
+
+@pytest.fixture
+def scores():
+    torch.manual_seed(1)
+    return torch.rand(4, 7, 16)  # [B, T, E]
+
+
+def test_dynk_extremes(scores):
+    assert DynamicKGate(0.0)(scores).all()
+    top = DynamicKGate(1.0)(scores)
+    assert torch.equal(top, scores == scores.amax(-1, keepdim=True))
+    assert (top.sum(-1) == 1).all()
+
+
+def test_dynk_count_never_increases_with_tau(scores):
+    counts = [DynamicKGate(t)(scores).sum(-1) for t in torch.linspace(0, 1, 21).tolist()]
+    for a, b in zip(counts, counts[1:]):
+        assert (b <= a).all()
+
+
+def test_dynk_rule_elementwise(scores):
+    mask = DynamicKGate(0.6)(scores)
+    expected = scores >= 0.6 * scores.max(-1, keepdim=True).values
+    assert torch.equal(mask, expected)
+
+
+def test_at_least_one_expert_runs():
+    zeros = torch.zeros(2, 3, 5)
+    for gate in (DynamicKGate(0.0), DynamicKGate(0.5), DynamicKGate(1.0), TopKGate(1)):
+        assert (gate(zeros).sum(-1) >= 1).all()
+    assert (DynamicKGate(1.0)(torch.rand(50, 5)).sum(-1) >= 1).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_topk_selects_exactly_k_largest(scores, k):
+    mask = TopKGate(k)(scores)
+    assert (mask.sum(-1) == k).all()
+    kth = scores.topk(k, -1).values[..., -1:]
+    assert (scores[mask] >= kth.expand_as(scores)[mask]).all()
+
+
+def test_gates_reject_bad_values():
+    with pytest.raises(ValueError, match="tau"):
+        DynamicKGate(1.5)
+    with pytest.raises(ValueError, match="k"):
+        TopKGate(0)
+
+
+def test_gated_moe_runs_only_selected_experts():
+    """Zeroing an expert in the gate removes exactly that expert's contribution."""
+    ffn = random_ffn()
+    moe, experts = split_ffn(ffn, 4)
+    x = torch.randn(1, 3, 16)
+
+    class OnlyFirst:
+        def __call__(self, s):
+            m = torch.zeros_like(s, dtype=torch.bool)
+            m[..., 0] = True
+            return m
+
+    moe.gate = OnlyFirst()
+    idx = experts[0]
+    expected = torch.relu(x @ ffn.w1.weight[idx].T + ffn.w1.bias[idx]) @ ffn.w2.weight[:, idx].T + ffn.w2.bias
+    torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-6)
+    moe.gate = AllExperts()

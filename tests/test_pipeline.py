@@ -1,0 +1,86 @@
+"""The whole pipeline on the smoke config: phases, reuse of artifacts, the results contract."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from d2dmoe import pipeline
+from d2dmoe.results import POINT_KEYS, read_points
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def artifact_dirs(root: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and d.name != "data":
+            phase = d.name.rsplit("-", 1)[0]
+            counts[phase] = counts.get(phase, 0) + 1
+    return counts
+
+
+def test_pipeline_runs_every_phase_then_reuses_them(smoke_cfg, monkeypatch):
+    points = pipeline.run(smoke_cfg)
+    assert [p["method"] for p in points] == ["dense"] + ["d2dmoe"] * 3
+    assert [p["tau"] for p in points[1:]] == [0.0, 0.5, 1.0]
+    dense, *moe = points
+    assert dense["rel_cost"] == 1.0 and dense["rule"] == "dense"
+    assert all(set(POINT_KEYS) <= set(p) for p in points)
+    assert all(0 <= p["value"] <= 1 for p in points)
+    costs = [p["rel_cost"] for p in moe]
+    assert costs == sorted(costs, reverse=True)  # fewer experts as tau grows
+    assert moe[0]["experts_per_token"] == 8 and moe[-1]["experts_per_token"] == pytest.approx(1.0, abs=0.05)
+    root = Path(smoke_cfg.artifacts_dir)
+    assert artifact_dirs(root) == {"dense": 1, "sparsify": 1, "split": 1, "routers": 1}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a phase was recomputed")
+
+    for name in ("train_dense", "sparsify", "split", "train_routers"):
+        monkeypatch.setattr(pipeline, name, no_training)
+    smoke_cfg.routing.taus = [0.5, 0.9]  # evaluation-only: retrains nothing
+    again = pipeline.run(smoke_cfg)
+    assert again[1] == {**moe[1]}  # same artifacts, same numbers
+    assert artifact_dirs(root) == {"dense": 1, "sparsify": 1, "split": 1, "routers": 1}
+
+
+def run_py(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_run_py_sweep_writes_results_and_shares_upstream_phases(tmp_path):
+    art = tmp_path / "artifacts"
+    run_py("-m", "experiment=smoke", "sparsity.alpha=0,0.01", "logger=wandb", f"artifacts_dir={art}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert artifact_dirs(art) == {"dense": 1, "sparsify": 2, "split": 2, "routers": 2}
+    for job, alpha in (("0", 0.0), ("1", 0.01)):
+        out = tmp_path / "sweep" / job
+        points = read_points(out / "points.jsonl")
+        assert {p["alpha"] for p in points} == {alpha}
+        assert points[0]["method"] == "dense" and points[0]["metric"] == "accuracy"
+        assert (out / "pareto.png").stat().st_size > 10_000
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, "one W&B run per job"
+
+    # top-k on the same routers: nothing retrains, a new kind of point comes out
+    result = run_py("experiment=smoke", "routing=topk", "routing.ks=[1,2,8]", f"artifacts_dir={art}",
+                    f"hydra.run.dir={tmp_path / 'topk'}")
+    assert artifact_dirs(art) == {"dense": 1, "sparsify": 2, "split": 2, "routers": 2}
+    points = read_points(tmp_path / "topk" / "points.jsonl")
+    assert [(p["rule"], p["k"]) for p in points] == [("dense", None), ("topk", 1), ("topk", 2), ("topk", 8)]
+    assert points[-1]["experts_per_token"] == 8
+    assert "rel_cost" in result.stdout and "topk" in result.stdout  # the printed table
+
+
+def test_bad_value_fails_before_any_compute(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "experiment=smoke", "routing.taus=[2.0]",
+                             f"artifacts_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "routing.taus: tau=2.0 is outside [0, 1]" in result.stderr
+    assert not any(tmp_path.glob("dense-*"))
