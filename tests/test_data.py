@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from d2dmoe.data import TextClassificationData, load_text_folder
+from d2dmoe.data import LengthGroupedBatches, TextClassificationData, load_text_folder
 from tests.conftest import compose_config
 
 SHARED_CARER = Path(__file__).resolve().parents[2] / "shared" / "data" / "carer"
@@ -94,3 +94,17 @@ def test_shared_carer(tmp_path, tokenizer):
     data.setup()
     assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [16000, 2000, 2000]
     assert set(data.splits["test"]["labels"]) == set(range(6))
+
+
+def test_length_grouped_batches_cover_every_sample_once():
+    lengths = [5, 30, 7, 12, 30, 2, 9, 18, 21, 3, 11]
+    train = LengthGroupedBatches(lengths, batch_size=3, shuffle=True, seed=0, window=2)
+    first, second = list(train), list(train)
+    for batches in (first, second):
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(len(b) <= 3 for b in batches) and len(batches) == len(train)
+    assert first != second  # a new order each epoch
+    assert list(LengthGroupedBatches(lengths, 3, shuffle=True, seed=0, window=2)) == first  # seeded
+    evaluation = list(LengthGroupedBatches(lengths, batch_size=4, shuffle=False))
+    flat = [lengths[i] for b in evaluation for i in b]
+    assert flat == sorted(lengths, reverse=True)

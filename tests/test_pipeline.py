@@ -1,5 +1,4 @@
 """The whole pipeline on the smoke config: phases, reuse of artifacts, the results contract."""
-import json
 import subprocess
 import sys
 from pathlib import Path

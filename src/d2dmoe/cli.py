@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +47,9 @@ def run_job(cfg: DictConfig) -> list[dict]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     check_config(cfg)
+    # tokenised data collate in microseconds: worker processes would only add start-up time
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the routers phase freezes the base
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     run = start_wandb(cfg, out_dir) if cfg.logger.enabled else None
     try:

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 SPLITS = ("train", "validation", "test")
 LOCAL_SPLIT_NAMES = {"train": ["train"], "validation": ["validation", "val", "dev"], "test": ["test"]}
@@ -63,6 +64,35 @@ def load_splits(path: str, delimiter: str | None):
     builder = "json" if suffix in ("json", "jsonl") else "csv"
     kwargs = {"delimiter": delimiter} if builder == "csv" and delimiter else {}
     return DatasetDict(load_dataset(builder, data_files=files, **kwargs))
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Batches of similar length, so dynamic padding wastes little compute. For training: shuffle,
+    sort each window of `window` batches by length, cut it into batches, shuffle the batches (a new,
+    seeded order every epoch). For evaluation (shuffle=False): the whole split sorted by length."""
+
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, window: int = 50):
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size, self.shuffle, self.seed, self.window = batch_size, shuffle, seed, window
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        span = self.batch_size * self.window if self.shuffle else n
+        batches = []
+        for start in range(0, n, span):
+            chunk = order[start:start + span]
+            chunk = chunk[self.lengths[chunk].argsort(descending=True, stable=True)]
+            batches += list(chunk.split(self.batch_size))
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
+        return iter([b.tolist() for b in batches])
 
 
 class TextClassificationData(L.LightningDataModule):
@@ -157,8 +187,9 @@ class TextClassificationData(L.LightningDataModule):
         from transformers import DataCollatorWithPadding
 
         self.setup()
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=DataCollatorWithPadding(self.tokenizer))
+        lengths = [len(ids) for ids in self.splits[split]["input_ids"]]
+        batches = LengthGroupedBatches(lengths, batch_size, shuffle, seed=self.split_seed)
+        return DataLoader(self.splits[split], batch_sampler=batches, collate_fn=DataCollatorWithPadding(self.tokenizer))
 
     def train_dataloader(self):
         return self._loader("train", True, self.batch_size)

@@ -118,12 +118,16 @@ class MoE(nn.Module):
         return h.flatten(-2) @ w2.T + self.b2  # [B, T, d]
 
     @torch.no_grad()
-    def expert_norms(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """Router targets: ||W2_e act(W1_e x + b1_e)||_2 for every expert. x: [N, d] -> [N, E]."""
+    def expert_norms(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Router targets: ||W2_e act(W1_e x + b1_e)||_2 for every expert. x: [N, d] -> [N, E].
+        Computed as sqrt(h_e^T G_e h_e) with G_e = W2_e^T W2_e [s, s]: s/d of the work of forming
+        each expert's d-dim output."""
+        gram = torch.einsum("eds,edt->est", self.w2, self.w2)  # [E, s, s]
         out = []
         for xc in x.split(chunk):
             h = self.hidden(xc)  # [n, E, s]
-            out.append(torch.einsum("nes,eds->ned", h, self.w2).norm(dim=-1))  # [n, E]
+            hg = torch.einsum("nes,est->net", h, gram)  # [n, E, s]
+            out.append((hg * h).sum(-1).clamp_min(0).sqrt())  # [n, E]
         return torch.cat(out)
 
 

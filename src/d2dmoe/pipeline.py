@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
@@ -69,11 +68,11 @@ class Context:
 def build_context(cfg: DictConfig, wandb_run=None) -> Context:
     check_config(cfg)
     adapter = instantiate(cfg.model)
+    check_model(cfg, adapter.dims(num_labels=1))  # shapes come from the model's config: no weights, no data
     data = instantiate(cfg.data, tokenizer=adapter.tokenizer())
     data.prepare_data()
     data.setup()
     dims = adapter.dims(data.num_labels)
-    check_model(cfg, dims)
     return Context(cfg, adapter, data, dims, wandb_run)
 
 

@@ -93,3 +93,10 @@ def log_wandb(run, points: list[dict], png: Path) -> None:
     run.log({"points": data,
              "pareto": wandb.plot.scatter(data, "rel_cost", "value", title="metric vs relative cost"),
              "pareto_png": wandb.Image(str(png))})
+
+
+def cheapest_within(points: list[dict], tolerance: float = 0.01) -> dict | None:
+    """The converted point of lowest rel_cost whose accuracy is at most `tolerance` below dense."""
+    dense = next(p for p in points if p["method"] == "dense")
+    ok = [p for p in points if p["method"] != "dense" and p["value"] >= dense["value"] - tolerance]
+    return min(ok, key=lambda p: p["rel_cost"], default=None)

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 
-from ..moe import AllExperts, MoE, moe_layers, set_gate
+from ..moe import AllExperts, moe_layers, set_gate
 from ..sparsity import masked_token_mean
 from .finetune import model_inputs
 
