@@ -30,8 +30,8 @@ def start_wandb(cfg: DictConfig, out_dir: Path):
 
     from hydra.core.hydra_config import HydraConfig
 
-    os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
-    return wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=wandb_group(cfg),
+    return wandb.init(mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity,
+                      group=wandb_group(cfg),
                       name=f"{Path(out_dir).name}-{HydraConfig.get().job.override_dirname or 'default'}"[:120],
                       job_type="convert", dir=str(out_dir), reinit="finish_previous",
                       config=OmegaConf.to_container(cfg, resolve=True))

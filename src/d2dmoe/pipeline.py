@@ -152,9 +152,9 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> list[dict]
         set_gate(moe, gate)
         ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims))
         points.append({**common, "method": "d2dmoe", "rule": cfg.routing.rule, **fields, "macs": ev.macs,
-                       "rel_cost": ev.macs / ref.macs, "value": ev.accuracy,
+                       "rel_cost": ev.macs / ev.dense_macs, "value": ev.accuracy,
                        "experts_per_token": ev.experts_per_token})
-        log.info("%s: accuracy %.4f rel_cost %.4f", gate, ev.accuracy, ev.macs / ref.macs)
+        log.info("%s: accuracy %.4f rel_cost %.4f", gate, ev.accuracy, ev.macs / ev.dense_macs)
     return points
 
 
