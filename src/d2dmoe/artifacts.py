@@ -47,6 +47,3 @@ class Artifact:
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
         load_model(model, str(self.dir / WEIGHTS))
         return model
-
-    def info(self) -> dict:
-        return json.loads((self.dir / INFO).read_text())
