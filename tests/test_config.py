@@ -46,6 +46,7 @@ def test_topk_routing_shares_the_router_settings():
     (["sparsity.penalty=l3"], "sparsity.penalty"),
     (["sparsity.schedule=cosine"], "sparsity.schedule"),
     (["experts.expert_size=24"], "experts"),
+    (["experts.impl=sparse"], "experts.impl"),
     (["model.family=resnet"], "model.family"),
 ])
 def test_bad_values_name_the_key(overrides, key):
@@ -61,7 +62,7 @@ MINILM = Dims(layers=6, d=384, d_ff=1536, num_labels=5)
 @pytest.mark.parametrize("overrides, key, words", [
     (["experts.num_experts=100"], "experts.num_experts", "does not divide the FFN width 1536"),
     (["experts.num_experts=null", "experts.expert_size=25"], "experts.expert_size", "does not divide"),
-    (["routing=topk", "routing.ks=[1,65]"], "routing.ks", "exceeds the number of experts 64"),
+    (["routing=topk", "routing.ks=[1,129]"], "routing.ks", "exceeds the number of experts 128"),
 ])
 def test_shape_checks_name_the_key(overrides, key, words):
     cfg = compose_config(overrides)

@@ -77,3 +77,21 @@ def test_moe_macs_count_only_executed_pairs_on_real_tokens():
     expert = 2 * 32 * (64 // 8)
     expected = adapter.fixed_macs(tokens, d) + d.layers * tokens * (router + 3 * expert)
     torch.testing.assert_close(moe_model_macs(adapter, model, mask, d), expected.double())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_gathered_moe_macs_match_flop_counter(k):
+    """With gather execution only the chosen experts run, so the counter sees exactly the executed
+    (token, expert) pairs: an independent check of the partial-routing cost."""
+    from d2dmoe.moe import TopKGate, set_gate, set_impl
+
+    adapter = tiny_adapter()
+    model = adapter.build(num_labels=3).eval()
+    adapter.install_ffns(model, nn.ReLU())
+    split_model(adapter, model, num_experts=8, router_hidden=16, n_init=1)
+    set_gate(model, TopKGate(k))
+    set_impl(model, "gather")
+    ids, mask = padded_batch([9])
+    counted = counted_macs(model, ids, mask)
+    analytic = moe_model_macs(adapter, model, mask, adapter.dims(3))
+    assert analytic.item() == pytest.approx(counted, rel=1e-9)

@@ -42,6 +42,9 @@ def test_pipeline_runs_every_phase_then_reuses_them(smoke_cfg, monkeypatch):
     smoke_cfg.routing.taus = [0.5, 0.9]  # evaluation-only: retrains nothing
     again = pipeline.run(smoke_cfg)
     assert again[1] == {**moe[1]}  # same artifacts, same numbers
+    smoke_cfg.experts.impl = "masked"  # execution only: retrains nothing, same points
+    masked = pipeline.run(smoke_cfg)
+    assert [(p["value"], p["macs"]) for p in masked] == [(p["value"], p["macs"]) for p in again]
     assert artifact_dirs(root) == {"dense": 1, "sparsify": 1, "split": 1, "routers": 1}
 
 
@@ -83,3 +86,22 @@ def test_bad_value_fails_before_any_compute(tmp_path):
     assert result.returncode != 0
     assert "routing.taus: tau=2.0 is outside [0, 1]" in result.stderr
     assert not any(tmp_path.glob("dense-*"))
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+def test_language_model_pipeline(model, tmp_path):
+    """Every phase on a tiny LM trained from a config, with a BPE tokenizer trained on the BBC text."""
+    import math
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=smoke", f"model={model}", "data=bbc_news_lm"], artifacts_dir=tmp_path)
+    points = pipeline.run(cfg)
+    assert [p["method"] for p in points] == ["dense"] + ["d2dmoe"] * 3
+    assert all(p["metric"] == "loss" and p["perplexity"] == pytest.approx(math.exp(p["value"])) for p in points)
+    dense, all_experts, *_ = points
+    assert math.log(512) * 0.5 < dense["value"] < math.log(512) * 1.5  # a fresh 512-token LM: about ln V
+    assert all_experts["experts_per_token"] == 8
+    costs = [p["rel_cost"] for p in points[1:]]
+    assert costs == sorted(costs, reverse=True)
+    assert list(tmp_path.glob("data/bpe-512-*")), "the tokenizer was trained and cached"

@@ -2,7 +2,7 @@
 
 cost = fixed(T) + sum over MoE layers of (T * router_macs + pairs_l * expert_macs),
 where pairs_l counts the (token, expert) pairs that ran in layer l, read from the gate masks.
-The dense model costs fixed(T) + T * 2 d d_ff per FFN.
+The dense model costs fixed(T) + T * 2 d d_ff per FFN (3 d d_ff when gated).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .moe import MoE
 
 
 def dense_ffn_macs(tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
-    return dims.layers * tokens.double() * 2 * dims.d * dims.d_ff
+    return dims.layers * tokens.double() * dims.ffn_matrices * dims.d * dims.d_ff
 
 
 def dense_macs(adapter, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
@@ -28,8 +28,8 @@ def router_macs(moe: MoE) -> int:
 
 
 def expert_macs(moe: MoE) -> int:
-    """Per (token, expert) pair: W1_e (s x d) and W2_e (d x s)."""
-    return 2 * moe.d * moe.expert_size
+    """Per (token, expert) pair: W1_e (s x d) and W2_e (d x s), and the up projection when gated."""
+    return moe.matrices * moe.d * moe.expert_size
 
 
 def executed_pairs(moe: MoE, attention_mask: torch.Tensor) -> torch.Tensor:

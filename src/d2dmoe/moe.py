@@ -9,14 +9,16 @@ from torch import nn
 
 
 class FFN(nn.Module):
-    """The dense FFN, family-independent: x -> w2(act(w1 x)). Adapters put one in every block."""
+    """The dense FFN, family-independent: x -> w2(act(w1 x)), or x -> w2(act(w1 x) * up(x)) when gated
+    (SwiGLU/GeGLU: w1 is the gate projection). Adapters put one in every block."""
 
-    def __init__(self, w1: nn.Linear, w2: nn.Linear, act: nn.Module):
+    def __init__(self, w1: nn.Linear, w2: nn.Linear, act: nn.Module, up: nn.Linear | None = None):
         super().__init__()
-        self.w1, self.act, self.w2 = w1, act, w2
+        self.w1, self.act, self.w2, self.up = w1, act, w2, up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)))
+        h = self.act(self.w1(x))
+        return self.w2(h if self.up is None else h * self.up(x))
 
 
 class Router(nn.Module):
@@ -74,25 +76,35 @@ class TopKGate:
         return f"TopKGate(k={self.k})"
 
 
-class MoE(nn.Module):
-    """An FFN cut into E experts. Expert e owns rows e*s..(e+1)*s of w1/b1 and the same columns of w2;
-    the output bias b2 is added once, outside the experts. Gates are binary: outputs are not scaled.
+IMPLS = ("masked", "gather")
 
-    Execution is masked: every expert is computed and the unselected ones are zeroed. This gives the
-    same numbers as running only the selected experts; the cost model counts only the selected ones.
+
+class MoE(nn.Module):
+    """An FFN cut into E experts. Expert e owns rows e*s..(e+1)*s of w1/b1 (and of the up projection
+    when gated) and the same columns of w2; the output bias b2 is added once, outside the experts.
+    Gates are binary: outputs are not scaled. Layers without biases get zero biases.
+
+    Two executions with the same outputs (`impl`): `masked` computes every expert and zeroes the
+    unselected ones (one big matmul; what training with all experts uses); `gather` runs each expert
+    on its selected tokens only (what saves time at inference). The cost model counts only the
+    selected experts either way.
     """
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 act: nn.Module, router: Router):
+                 act: nn.Module, router: Router, up: torch.Tensor | None = None):
         super().__init__()
         self.num_experts, self.expert_size, self.d = w1.shape  # w1: [E, s, d]
         self.w1 = nn.Parameter(w1)  # [E, s, d]
         self.b1 = nn.Parameter(b1)  # [E, s]
         self.w2 = nn.Parameter(w2)  # [E, d, s]
         self.b2 = nn.Parameter(b2)  # [d]
+        self.up = None if up is None else nn.Parameter(up)  # [E, s, d], gated FFNs only
+        self.matrices = 2 if up is None else 3  # weight matrices each expert multiplies by
+        self.tap = nn.Identity()  # every expert's activations [..., E, s] pass here: a hook point
         self.act = act
         self.router = router
         self.gate = AllExperts()
+        self.impl = "masked"
         self.last_mask: torch.Tensor | None = None  # [B, T, E] of the last forward, for cost counting
 
     @classmethod
@@ -101,34 +113,65 @@ class MoE(nn.Module):
         order = torch.cat(experts)
         E, s = len(experts), len(experts[0])
         w1 = ffn.w1.weight.detach()[order].reshape(E, s, -1)
-        b1 = ffn.w1.bias.detach()[order].reshape(E, s)
+        b1 = bias(ffn.w1, ffn.w1.out_features)[order].reshape(E, s)
         w2 = ffn.w2.weight.detach()[:, order].reshape(-1, E, s).transpose(0, 1)
-        return cls(w1.clone(), b1.clone(), w2.contiguous(), ffn.w2.bias.detach().clone(), ffn.act, router)
+        up = None if ffn.up is None else ffn.up.weight.detach()[order].reshape(E, s, -1).clone()
+        return cls(w1.clone(), b1.clone(), w2.contiguous(), bias(ffn.w2, ffn.w2.out_features).clone(),
+                   ffn.act, router, up)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's activations: [..., d] -> [..., E, s]."""
-        flat = x @ self.w1.reshape(-1, self.d).T + self.b1.reshape(-1)  # [..., E*s]
-        return self.act(flat).unflatten(-1, (self.num_experts, self.expert_size))
+        h = self.act(x @ self.w1.reshape(-1, self.d).T + self.b1.reshape(-1))  # [..., E*s]
+        if self.up is not None:
+            h = h * (x @ self.up.reshape(-1, self.d).T)
+        return h.unflatten(-1, (self.num_experts, self.expert_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.gate(self.router(x))  # [B, T, E]
         self.last_mask = mask
-        h = self.hidden(x) * mask.unsqueeze(-1)  # [B, T, E, s]
+        if self.impl == "masked" or bool(mask.all()):  # every expert runs: one matmul is fastest
+            return self.masked(x, mask)
+        return self.gathered(x, mask)
+
+    def masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.tap(self.hidden(x)) * mask.unsqueeze(-1)  # [B, T, E, s]
         w2 = self.w2.transpose(0, 1).reshape(self.d, -1)  # [d, E*s]
         return h.flatten(-2) @ w2.T + self.b2  # [B, T, d]
 
+    def gathered(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each expert's two matmuls on the tokens that selected it, outputs scatter-added."""
+        flat = x.reshape(-1, self.d)  # [N, d]
+        token, expert = mask.reshape(-1, self.num_experts).nonzero(as_tuple=True)  # [P] pairs
+        token = token[expert.argsort(stable=True)]  # pairs grouped by expert
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        outs = [self.expert(e, xs) for e, xs in enumerate(flat[token].split(counts)) if len(xs)]
+        out = torch.zeros_like(flat).index_add_(0, token, torch.cat(outs))  # [N, d]
+        return (out + self.b2).reshape(x.shape)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e alone on its tokens: [n, d] -> [n, d]."""
+        h = self.act(x @ self.w1[e].T + self.b1[e])  # [n, s]
+        if self.up is not None:
+            h = h * (x @ self.up[e].T)
+        return h @ self.w2[e].T
+
     @torch.no_grad()
     def expert_norms(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """Router targets: ||W2_e act(W1_e x + b1_e)||_2 for every expert. x: [N, d] -> [N, E].
+        """Router targets: ||W2_e act(W1_e x + b1_e)||_2 for every expert. x: [N, d] -> [N, E]."""
+        return torch.cat([self.hidden_norms(self.hidden(xc)) for xc in x.split(chunk)])
+
+    @torch.no_grad()
+    def hidden_norms(self, h: torch.Tensor) -> torch.Tensor:
+        """Expert output norms from the experts' activations h [..., E, s] -> [..., E].
         Computed as sqrt(h_e^T G_e h_e) with G_e = W2_e^T W2_e [s, s]: s/d of the work of forming
         each expert's d-dim output."""
         gram = torch.einsum("eds,edt->est", self.w2, self.w2)  # [E, s, s]
-        out = []
-        for xc in x.split(chunk):
-            h = self.hidden(xc)  # [n, E, s]
-            hg = torch.einsum("nes,est->net", h, gram)  # [n, E, s]
-            out.append((hg * h).sum(-1).clamp_min(0).sqrt())  # [n, E]
-        return torch.cat(out)
+        hg = torch.einsum("...es,est->...et", h, gram)  # [..., E, s]
+        return (hg * h).sum(-1).clamp_min(0).sqrt()
+
+
+def bias(linear: nn.Linear, size: int) -> torch.Tensor:
+    return linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(size)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -143,3 +186,11 @@ def set_gate(model: nn.Module, gate) -> None:
     """Give every MoE layer of the model the same expert-selection rule."""
     for moe in moe_layers(model):
         moe.gate = gate
+
+
+def set_impl(model: nn.Module, impl: str) -> None:
+    """Choose how every MoE layer executes its experts: `masked` or `gather` (same outputs)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown MoE execution {impl!r}; allowed: {list(IMPLS)}")
+    for moe in moe_layers(model):
+        moe.impl = impl

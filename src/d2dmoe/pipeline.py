@@ -14,9 +14,9 @@ from torch import nn
 
 from .artifacts import Artifact
 from .models import Dims
-from .moe import DynamicKGate, TopKGate, set_gate
+from .moe import DynamicKGate, TopKGate, set_gate, set_impl
 from .phases.evaluate import Evaluation
-from .phases.finetune import ClassifierTraining
+from .phases.finetune import TaskTraining
 from .phases.routers import RouterTraining
 from .phases.split import moe_skeleton, split_model
 from .validate import check_config, check_model, num_experts
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # what a phase's data depends on: batch sizes and limits shape training; the cache dir does not
 DATA_KEYS_IGNORED = ("cache_dir", "eval_batch_size")
+EXPERT_KEYS_IGNORED = ("impl",)  # how experts execute changes no weights
 
 
 def plain(node) -> dict:
@@ -69,7 +70,8 @@ def build_context(cfg: DictConfig, wandb_run=None) -> Context:
     check_config(cfg)
     adapter = instantiate(cfg.model)
     check_model(cfg, adapter.dims(num_labels=1))  # shapes come from the model's config: no weights, no data
-    data = instantiate(cfg.data, tokenizer=adapter.tokenizer())
+    data = instantiate(cfg.data)
+    data.tokenizer = adapter.tokenizer(data)  # None for images; may be trained on the data's training texts
     data.prepare_data()
     data.setup()
     dims = adapter.dims(data.num_labels)
@@ -84,7 +86,8 @@ def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
     dense = Artifact(root, "dense", {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense),
                                      "seed": cfg.seed})
     sparsify = Artifact(root, "sparsify", {"upstream": dense.key, "sparsity": plain(cfg.sparsity)})
-    split = Artifact(root, "split", {"upstream": sparsify.key, "experts": plain(cfg.experts),
+    experts = {k: v for k, v in plain(cfg.experts).items() if k not in EXPERT_KEYS_IGNORED}
+    split = Artifact(root, "split", {"upstream": sparsify.key, "experts": experts,
                                      "router_hidden": cfg.routing.router.hidden})
     routers = Artifact(root, "routers", {"upstream": split.key, "router": plain(cfg.routing.router)})
     return {"dense": dense, "sparsify": sparsify, "split": split, "routers": routers}
@@ -108,14 +111,17 @@ def metrics(trainer: L.Trainer) -> dict:
 def train_dense(ctx: Context):
     model = ctx.adapter.build(ctx.dims.num_labels)
     s = ctx.cfg.dense
-    trainer = ctx.fit(ClassifierTraining(model, s.lr, s.weight_decay, s.warmup_fraction), s, "dense")
+    if s.epochs == 0 or s.get("max_steps", -1) == 0:  # a pretrained model that is the reference as it is
+        return model, {}
+    trainer = ctx.fit(TaskTraining(model, ctx.adapter, s.lr, s.weight_decay, s.warmup_fraction), s, "dense")
     return model, metrics(trainer)
 
 
 def sparsify(ctx: Context, dense: nn.Module):
     model = ctx.adapter.install_ffns(copy.deepcopy(dense), nn.ReLU())  # the dense model stays the reference
     s = ctx.cfg.sparsity
-    module = ClassifierTraining(model, s.lr, s.weight_decay, s.warmup_fraction, s.penalty, s.alpha, s.schedule)
+    module = TaskTraining(model, ctx.adapter, s.lr, s.weight_decay, s.warmup_fraction, s.penalty, s.alpha,
+                          s.schedule)
     trainer = ctx.fit(module, s, "sparsify")
     return model, metrics(trainer)
 
@@ -129,7 +135,7 @@ def split(ctx: Context, sparse: nn.Module):
 
 def train_routers(ctx: Context, moe: nn.Module):
     r = ctx.cfg.routing.router
-    trainer = ctx.fit(RouterTraining(moe, r.lr, r.weight_decay), r, "routers")
+    trainer = ctx.fit(RouterTraining(moe, ctx.adapter, r.lr, r.weight_decay), r, "routers")
     return moe, metrics(trainer)
 
 
@@ -144,17 +150,19 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> list[dict]
     cfg = ctx.cfg
     common = {"model": cfg.model.name, "data": cfg.data.name, "alpha": float(cfg.sparsity.alpha),
               "penalty": cfg.sparsity.penalty, "num_experts": num_experts(cfg, ctx.dims),
-              "metric": "accuracy", "split": "test"}
+              "metric": ctx.adapter.task.metric, "split": "test"}
     ref = ctx.test(Evaluation(dense.eval(), ctx.adapter, ctx.dims))
     points = [{**common, "method": "dense", "rule": "dense", "tau": None, "k": None, "macs": ref.macs,
-               "rel_cost": 1.0, "value": ref.accuracy, "experts_per_token": None}]
+               "rel_cost": 1.0, "value": ref.value, "experts_per_token": None,
+               **ctx.adapter.task.extra(ref.value)}]
+    set_impl(moe, cfg.experts.impl)
     for fields, gate in gates(cfg):
         set_gate(moe, gate)
         ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims))
         points.append({**common, "method": "d2dmoe", "rule": cfg.routing.rule, **fields, "macs": ev.macs,
-                       "rel_cost": ev.macs / ev.dense_macs, "value": ev.accuracy,
-                       "experts_per_token": ev.experts_per_token})
-        log.info("%s: accuracy %.4f rel_cost %.4f", gate, ev.accuracy, ev.macs / ev.dense_macs)
+                       "rel_cost": ev.macs / ev.dense_macs, "value": ev.value,
+                       "experts_per_token": ev.experts_per_token, **ctx.adapter.task.extra(ev.value)})
+        log.info("%s: %s %.4f rel_cost %.4f", gate, common["metric"], ev.value, ev.macs / ev.dense_macs)
     return points
 
 

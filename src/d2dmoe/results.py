@@ -9,6 +9,11 @@ import json
 import os
 from pathlib import Path
 
+from .tasks import within
+
+# how far from dense a point may be and still count as keeping its quality
+TOLERANCE = {"accuracy": 0.01, "loss": 0.02}  # absolute accuracy; relative loss
+
 POINT_KEYS = ("model", "data", "method", "rule", "tau", "k", "alpha", "num_experts", "macs", "rel_cost",
               "metric", "value")
 TABLE_KEYS = ("method", "rule", "tau", "k", "alpha", "num_experts", "experts_per_token", "macs", "rel_cost",
@@ -55,7 +60,10 @@ def plot_pareto(points: list[dict], path: Path) -> Path:
     for p in points:
         if p["method"] == "dense":
             ax.plot([p["rel_cost"]], [p["value"]], "k*", ms=12, label="dense")
-            ax.axhline(p["value"] - 0.01, color="gray", ls=":", lw=1, label="dense - 1 point")
+            if p["metric"] == "loss":
+                ax.axhline(p["value"] * (1 + TOLERANCE["loss"]), color="gray", ls=":", lw=1, label="dense + 2%")
+            else:
+                ax.axhline(p["value"] - TOLERANCE["accuracy"], color="gray", ls=":", lw=1, label="dense - 1 point")
     first = points[0]
     ax.set_xlabel("relative cost (MACs per sample / dense MACs)")
     ax.set_ylabel(first["metric"] + (" (lower is better)" if first["metric"] == "loss" else ""))
@@ -95,8 +103,11 @@ def log_wandb(run, points: list[dict], png: Path) -> None:
              "pareto_png": wandb.Image(str(png))})
 
 
-def cheapest_within(points: list[dict], tolerance: float = 0.01) -> dict | None:
-    """The converted point of lowest rel_cost whose accuracy is at most `tolerance` below dense."""
+def cheapest_within(points: list[dict], tolerance: float | None = None) -> dict | None:
+    """The converted point of lowest rel_cost that keeps the dense quality: accuracy at most
+    `tolerance` below dense (default 1 point), or loss at most `tolerance` above it, relative
+    (default 2%)."""
     dense = next(p for p in points if p["method"] == "dense")
-    ok = [p for p in points if p["method"] != "dense" and p["value"] >= dense["value"] - tolerance]
+    tol = TOLERANCE[dense["metric"]] if tolerance is None else tolerance
+    ok = [p for p in points if p["method"] != "dense" and within(dense["metric"], p["value"], dense["value"], tol)]
     return min(ok, key=lambda p: p["rel_cost"], default=None)

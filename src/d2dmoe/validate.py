@@ -4,6 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from .models import ADAPTERS, Dims
+from .moe import IMPLS
 from .sparsity import PENALTIES
 
 SCHEDULES = ("constant", "linear", "linear_warmup")
@@ -35,6 +36,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("num_experts", "expert_size"):
         if e[key] is not None and e[key] < 1:
             raise ConfigError(f"experts.{key}", f"must be >= 1, got {e[key]}")
+    if e.get("impl", "masked") not in IMPLS:
+        raise ConfigError("experts.impl", f"unknown execution {e.impl!r}; allowed: {list(IMPLS)}")
     r = cfg.routing
     if r.rule not in RULES:
         raise ConfigError("routing.rule", f"unknown rule {r.rule!r}; allowed: {list(RULES)}")

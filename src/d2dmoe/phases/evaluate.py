@@ -1,4 +1,4 @@
-"""`evaluate`: accuracy and mean MACs per sample of one model at one expert-selection rule."""
+"""`evaluate`: the task's metric and mean MACs per sample of one model at one expert-selection rule."""
 from __future__ import annotations
 
 import lightning as L
@@ -6,27 +6,29 @@ import torch
 
 from ..cost import dense_macs, moe_model_macs
 from ..moe import moe_layers
-from .finetune import model_inputs
 
 
 class Evaluation(L.LightningModule):
-    """Run with `trainer.test`; afterwards `accuracy`, `macs` (mean per sample) and `experts_per_token`."""
+    """Run with `trainer.test`; afterwards `value` (the task's metric), `macs` (mean per sample),
+    `dense_macs` and `experts_per_token`."""
 
     def __init__(self, model: torch.nn.Module, adapter, dims):
         super().__init__()
         self.model, self.adapter, self.dims = model, adapter, dims
 
     def on_test_epoch_start(self) -> None:
-        self.samples = self.correct = 0
+        self.samples = 0
+        self.metric_sum = self.metric_count = 0.0
         self.macs_sum = self.dense_macs_sum = 0.0
         self.pairs = self.tokens = 0.0
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.model(**model_inputs(batch)).logits
-        mask = batch["attention_mask"]
+        mask = self.adapter.token_mask(batch)
+        logits = self.adapter.forward(self.model, batch)
+        total, count = self.adapter.task.score(logits, batch, mask)
+        self.metric_sum, self.metric_count = self.metric_sum + total, self.metric_count + count
         tokens = mask.sum(-1)
-        self.samples += len(logits)
-        self.correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        self.samples += len(mask)
         self.dense_macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
         moes = moe_layers(self.model)
         if moes:
@@ -37,8 +39,9 @@ class Evaluation(L.LightningModule):
             self.macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / self.samples
+    def value(self) -> float:
+        """The metric over the split: accuracy over samples, or loss over target tokens."""
+        return self.metric_sum / self.metric_count
 
     @property
     def macs(self) -> float:

@@ -1,40 +1,20 @@
-"""Model-family adapters: the only code that knows where a family keeps its FFNs and what it costs.
-
-An adapter builds the task model (pretrained or from a config), puts a family-independent `FFN`
-module in place of each block's feed-forward network, and gives the analytic MAC count of the
-parts that are not FFNs. Everything downstream (sparsify, split, routers, cost) sees only `FFN`/`MoE`.
-"""
+"""BERT-family encoders (BERT, MiniLM, ...) with a sequence-classification head."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .moe import FFN
+from ..moe import FFN
+from .base import Adapter, Dims
 
 
-@dataclass(frozen=True)
-class Dims:
-    layers: int
-    d: int  # model width
-    d_ff: int  # FFN width
-    num_labels: int
-
-
-class BertAdapter:
+class BertAdapter(Adapter):
     """transformers' BERT encoders (BERT, MiniLM, ...) with a sequence-classification head."""
 
     family = "bert"
-
-    def __init__(self, name: str, path: str, family: str = "bert", pretrained: bool = True,
-                 config: dict | None = None, attn_implementation: str = "sdpa"):
-        if family != self.family:
-            raise ValueError(f"model.family={family!r} does not match {type(self).__name__} ({self.family!r})")
-        self.name, self.path, self.pretrained = name, path, pretrained
-        self.config_overrides = dict(config or {})
-        self.attn_implementation = attn_implementation
+    where = "model.bert.encoder.layer[i].intermediate / .output"
 
     def hf_config(self, num_labels: int):
         from transformers import AutoConfig
@@ -42,11 +22,6 @@ class BertAdapter:
         cfg = AutoConfig.from_pretrained(self.path, num_labels=num_labels, **self.config_overrides)
         cfg._attn_implementation = self.attn_implementation
         return cfg
-
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.path)
 
     def dims(self, num_labels: int) -> Dims:
         c = self.hf_config(num_labels)
@@ -62,8 +37,8 @@ class BertAdapter:
             return AutoModelForSequenceClassification.from_pretrained(self.path, config=cfg)
         return AutoModelForSequenceClassification.from_config(cfg)
 
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.bert.encoder.layer)
+    def find_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.bert.encoder.layer
 
     def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
         """Put an `FFN` in each block: `intermediate` computes the whole FFN, `output.dense` becomes
@@ -92,6 +67,3 @@ class BertAdapter:
         t = tokens.double()
         per_layer = 4 * t * dims.d**2 + 2 * t**2 * dims.d
         return dims.layers * per_layer + dims.d**2 + dims.d * dims.num_labels
-
-
-ADAPTERS = {"bert": BertAdapter}

@@ -1,0 +1,68 @@
+"""What every model-family adapter shares.
+
+An adapter is the only code that knows a family: it builds the task model (pretrained or from a
+config), puts a family-independent `FFN` in place of each block's feed-forward network, runs the
+model on a batch, and gives the analytic MAC count of everything that is not an FFN. Everything
+downstream (sparsify, split, routers, cost) sees only `FFN`/`MoE`, the adapter and its task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..tasks import Classification
+
+
+@dataclass(frozen=True)
+class Dims:
+    layers: int
+    d: int  # model width
+    d_ff: int  # FFN width
+    num_labels: int  # outputs of the head: classes, or a language model's vocabulary
+    ffn_matrices: int = 2  # weight matrices per FFN: 2 (W1, W2), 3 when gated (gate, up, down)
+
+
+class Adapter:
+    family = ""
+    task = Classification()
+    where = ""  # where the family keeps its blocks, for error messages
+
+    def __init__(self, name: str, path: str | None = None, family: str | None = None, pretrained: bool = True,
+                 config: dict | None = None, attn_implementation: str = "sdpa"):
+        if family is not None and family != self.family:
+            raise ValueError(f"model.family={family!r} does not match {type(self).__name__} ({self.family!r})")
+        self.name, self.path, self.pretrained = name, path, pretrained
+        self.config_overrides = dict(config or {})
+        self.attn_implementation = attn_implementation
+
+    # -- to be provided by each family ---------------------------------------------------------
+    def find_blocks(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        try:
+            return list(self.find_blocks(model))
+        except AttributeError as err:
+            from . import ADAPTERS
+
+            raise ValueError(
+                f"model class {type(model).__name__}: the {self.family!r} adapter looks for its FFNs in "
+                f"{self.where} and cannot find them ({err}); adapters that exist: {sorted(ADAPTERS)} "
+                "(set model.family and model._target_ to the one matching your model)") from err
+
+    def tokenizer(self, data=None):
+        """The tokenizer the data is encoded with; None for models that take no text."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """The model's logits on a batch: [B, C] for classifiers, [B, T, V] for language models."""
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    def token_mask(self, batch: dict) -> torch.Tensor:
+        """[B, T] mask of the real tokens the FFNs see (1 = real, 0 = padding)."""
+        return batch["attention_mask"]

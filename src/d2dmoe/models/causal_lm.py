@@ -1,0 +1,93 @@
+"""What decoder-only language models share: tokenizer, building, dims, the LM head's cost."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..tasks import LanguageModeling
+from .base import Adapter, Dims
+
+
+class CausalLMAdapter(Adapter):
+    """A transformers causal LM (`AutoModelForCausalLM`), from hub/local weights or from a config.
+
+    tokenizer: None to load the tokenizer from `path`; or {vocab_size: N} to train a byte-level BPE
+    offline on the data's training texts (for models trained from a config).
+    gguf_file: a GGUF file inside `path` to load weights and tokenizer from (dequantised to float32).
+    """
+
+    task = LanguageModeling()
+    config_class = ""  # transformers config class for models built from a config
+    ffn_matrices = 2
+
+    def __init__(self, *args, tokenizer: dict | None = None, gguf_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokenizer_spec = dict(tokenizer) if tokenizer else None
+        self.gguf_file = gguf_file
+        self.vocab_size: int | None = None  # known once the tokenizer is
+
+    def tokenizer(self, data=None):
+        if self.tokenizer_spec is not None:
+            from ..tokenizer import train_bpe
+
+            tok = train_bpe(data.train_texts(), data.cache_dir, **self.tokenizer_spec)
+        else:
+            from transformers import AutoTokenizer
+
+            kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+            tok = AutoTokenizer.from_pretrained(self.path, **kwargs)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # padding is masked out of the loss and the cost anyway
+        self.vocab_size = len(tok)
+        return tok
+
+    def hf_config(self):
+        import transformers
+        from transformers import AutoConfig
+
+        overrides = dict(self.config_overrides)
+        if self.vocab_size is not None and self.tokenizer_spec is not None:
+            overrides["vocab_size"] = self.vocab_size  # a trained tokenizer sets the embedding size
+        if self.path is None:
+            cfg = getattr(transformers, self.config_class)(**overrides)
+        else:
+            kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+            cfg = AutoConfig.from_pretrained(self.path, **kwargs, **overrides)
+        cfg._attn_implementation = self.attn_implementation
+        return cfg
+
+    def dims(self, num_labels: int | None = None) -> Dims:
+        """num_labels is ignored: a language model's head outputs the vocabulary."""
+        c = self.hf_config()
+        return Dims(c.num_hidden_layers, c.hidden_size, self.ffn_width(c), c.vocab_size, self.ffn_matrices)
+
+    def ffn_width(self, c) -> int:
+        return c.intermediate_size
+
+    def build(self, num_labels: int | None = None, weights: bool = True) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.hf_config()
+        torch.manual_seed(0)  # a model built from a config starts the same every time
+        if self.pretrained and weights:
+            kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+            model = AutoModelForCausalLM.from_pretrained(self.path, config=cfg, **kwargs)
+            if getattr(model.config, "quantization_config", None) is not None:
+                del model.config.quantization_config  # GGUF weights are dequantised: save as float
+            return model.float()
+        return AutoModelForCausalLM.from_config(cfg)
+
+    def attention_macs(self, t: torch.Tensor, c) -> torch.Tensor:
+        """Per layer, for T tokens: Q, K, V, O projections and the attention scores and mixing. The
+        scores and mixing are counted over the full T x T matrix, as the kernels compute them."""
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        q = heads * head_dim
+        kv = getattr(c, "num_key_value_heads", heads) * head_dim
+        return t * c.hidden_size * (2 * q + 2 * kv) + 2 * t**2 * q
+
+    def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """MACs of everything except the FFNs, per sequence with `tokens` real tokens ([B] -> [B]):
+        attention in every layer, then the LM head (d x V per token). Embeddings and norms: no MACs."""
+        t = tokens.double()
+        return dims.layers * self.attention_macs(t, self.hf_config()) + t * dims.d * dims.num_labels

@@ -1,0 +1,47 @@
+"""GPT-2 language models (transformers `GPT2LMHeadModel`). Its MLP keeps weights in `Conv1D`
+layers, transposed relative to `nn.Linear`: they become Linear layers inside the `FFN`."""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from ..moe import FFN
+from .causal_lm import CausalLMAdapter
+
+
+def conv1d_to_linear(conv) -> nn.Linear:
+    """transformers' Conv1D (weight [in, out]) as the equivalent nn.Linear (weight [out, in])."""
+    d_in, d_out = conv.weight.shape
+    linear = nn.Linear(d_in, d_out)
+    linear.weight.data.copy_(conv.weight.detach().T)
+    linear.bias.data.copy_(conv.bias.detach())
+    return linear
+
+
+class GPT2Adapter(CausalLMAdapter):
+    family = "gpt2"
+    where = "model.transformer.h[i].mlp (c_fc, act, c_proj, dropout)"
+    config_class = "GPT2Config"
+
+    def ffn_width(self, c) -> int:
+        return c.n_inner or 4 * c.hidden_size
+
+    def find_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.transformer.h
+
+    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
+        """Each block's `mlp` becomes Sequential(FFN, the MLP's dropout). activation=None keeps GELU."""
+        for block in self.blocks(model):
+            if isinstance(block.mlp, nn.Sequential):
+                if activation is not None:
+                    block.mlp[0].act = copy.deepcopy(activation)
+                continue
+            mlp = block.mlp
+            act = copy.deepcopy(activation) if activation is not None else mlp.act
+            ffn = FFN(conv1d_to_linear(mlp.c_fc), conv1d_to_linear(mlp.c_proj), act)
+            block.mlp = nn.Sequential(ffn, mlp.dropout)
+        return model
+
+    def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        return [(block.mlp, "0") for block in self.blocks(model)]

@@ -1,0 +1,36 @@
+"""Gated-FFN language models in the Llama layout (Llama, SmolLM, Qwen, Mistral, Gemma):
+mlp = down(act(gate(x)) * up(x)). The ReLU swap goes on the gate branch; the split clusters the
+gate projection's rows, and each expert carries its slices of gate, up and down."""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from ..moe import FFN
+from .causal_lm import CausalLMAdapter
+
+
+class LlamaAdapter(CausalLMAdapter):
+    family = "llama"
+    where = "model.model.layers[i].mlp (gate_proj, up_proj, down_proj, act_fn)"
+    config_class = "LlamaConfig"
+    ffn_matrices = 3
+
+    def find_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.model.layers
+
+    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
+        """Each block's `mlp` becomes a gated FFN. activation=None keeps the model's own (SiLU/GELU)."""
+        for block in self.blocks(model):
+            if isinstance(block.mlp, FFN):
+                if activation is not None:
+                    block.mlp.act = copy.deepcopy(activation)
+                continue
+            mlp = block.mlp
+            act = copy.deepcopy(activation) if activation is not None else mlp.act_fn
+            block.mlp = FFN(mlp.gate_proj, mlp.down_proj, act, up=mlp.up_proj)
+        return model
+
+    def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        return [(block, "mlp") for block in self.blocks(model)]
