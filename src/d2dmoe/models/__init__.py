@@ -3,7 +3,8 @@ from .base import Adapter, Dims
 from .bert import BertAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .vit import VitAdapter
 
-ADAPTERS = {a.family: a for a in (BertAdapter, GPT2Adapter, LlamaAdapter)}
+ADAPTERS = {a.family: a for a in (BertAdapter, GPT2Adapter, LlamaAdapter, VitAdapter)}
 
-__all__ = ["ADAPTERS", "Adapter", "BertAdapter", "Dims", "GPT2Adapter", "LlamaAdapter"]
+__all__ = ["ADAPTERS", "Adapter", "BertAdapter", "Dims", "GPT2Adapter", "LlamaAdapter", "VitAdapter"]

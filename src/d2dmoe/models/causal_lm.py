@@ -25,6 +25,7 @@ class CausalLMAdapter(Adapter):
         self.tokenizer_spec = dict(tokenizer) if tokenizer else None
         self.gguf_file = gguf_file
         self.vocab_size: int | None = None  # known once the tokenizer is
+        self.eos_id: int | None = None
 
     def tokenizer(self, data=None):
         if self.tokenizer_spec is not None:
@@ -38,7 +39,7 @@ class CausalLMAdapter(Adapter):
             tok = AutoTokenizer.from_pretrained(self.path, **kwargs)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token  # padding is masked out of the loss and the cost anyway
-        self.vocab_size = len(tok)
+        self.vocab_size, self.eos_id = len(tok), tok.eos_token_id
         return tok
 
     def hf_config(self):
@@ -47,7 +48,8 @@ class CausalLMAdapter(Adapter):
 
         overrides = dict(self.config_overrides)
         if self.vocab_size is not None and self.tokenizer_spec is not None:
-            overrides["vocab_size"] = self.vocab_size  # a trained tokenizer sets the embedding size
+            # a trained tokenizer sets the embedding size and the special token
+            overrides.update(vocab_size=self.vocab_size, bos_token_id=self.eos_id, eos_token_id=self.eos_id)
         if self.path is None:
             cfg = getattr(transformers, self.config_class)(**overrides)
         else:
@@ -72,9 +74,10 @@ class CausalLMAdapter(Adapter):
         if self.pretrained and weights:
             kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
             model = AutoModelForCausalLM.from_pretrained(self.path, config=cfg, **kwargs)
-            if getattr(model.config, "quantization_config", None) is not None:
-                del model.config.quantization_config  # GGUF weights are dequantised: save as float
-            return model.float()
+            if self.gguf_file:  # GGUF weights arrive dequantised to float32: a plain model from here on
+                model.hf_quantizer, model.is_quantized = None, False
+                model.config.__dict__.pop("quantization_config", None)
+            return model
         return AutoModelForCausalLM.from_config(cfg)
 
     def attention_macs(self, t: torch.Tensor, c) -> torch.Tensor:

@@ -1,0 +1,163 @@
+"""Image-classification data: batches of {"pixel_values": [B, C, H, W], "labels": [B]}.
+
+Three kinds of source:
+- `idx`: a folder of MNIST-style idx files (`train-images-idx3-ubyte.gz`, `t10k-...`): Fashion-MNIST
+  from Debian's `dataset-fashion-mnist`. Test = the t10k files; validation is cut from train.
+- `image_folder`: an ImageNet-style folder with `train/` and `val/` (one subfolder per class), read
+  by torchvision's ImageFolder; test = `val/`, validation is cut from train.
+- `digits`: scikit-learn's bundled 8x8 digits, split train/validation/test (for unit tests).
+Every cut uses a fixed seed.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+KINDS = ("idx", "image_folder", "digits")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (optionally gzipped): big-endian header of magic and sizes, then uint8 data."""
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def find_idx(folder: Path, prefix: str, kind: str) -> Path:
+    found = sorted(folder.glob(f"{prefix}-{kind}-idx*"))
+    if not found:
+        raise FileNotFoundError(f"data.path={folder}: no {prefix}-{kind}-idx* file "
+                                "(Fashion-MNIST: apt-get install dataset-fashion-mnist)")
+    return found[0]
+
+
+class TensorImages(Dataset):
+    """Images [N, H, W] or [N, C, H, W] in [0, 1] with labels, normalised per channel."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std):
+        self.images = images if images.dim() == 4 else images.unsqueeze(1)  # [N, C, H, W]
+        self.labels = labels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": (self.images[i].float() - self.mean) / self.std, "labels": int(self.labels[i])}
+
+
+class FolderImages(Dataset):
+    def __init__(self, folder: Path, image_size: int, mean, std, train: bool):
+        from torchvision import datasets, transforms
+
+        steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()] if train else \
+            [transforms.Resize(int(image_size / 0.875)), transforms.CenterCrop(image_size)]
+        self.data = datasets.ImageFolder(str(folder), transforms.Compose(
+            steps + [transforms.ToTensor(), transforms.Normalize(mean, std)]))
+        self.classes = self.data.classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        image, label = self.data[i]
+        return {"pixel_values": image, "labels": label}
+
+
+class ImageClassificationData(L.LightningDataModule):
+    def __init__(self, name: str, kind: str, path: str | None = None, image_size: int = 224,
+                 mean: list[float] = (0.5,), std: list[float] = (0.5,), batch_size: int = 64,
+                 eval_batch_size: int = 256, split_seed: int = 0, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, limit_train: int | None = None, limit_eval: int | None = None,
+                 num_workers: int = 0, cache_dir: str | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"data.kind={kind!r}; allowed: {list(KINDS)}")
+        self.name, self.kind, self.path = name, kind, path
+        self.image_size, self.mean, self.std = image_size, list(mean), list(std)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.split_seed, self.val_fraction, self.test_fraction = split_seed, val_fraction, test_fraction
+        self.limit_train, self.limit_eval = limit_train, limit_eval
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self.tokenizer = None  # images need none
+        self.splits: dict[str, Dataset] | None = None
+        self.label_names: list[str] | None = None
+
+    def train_texts(self) -> list[str]:
+        raise TypeError(f"data {self.name} holds images: a tokenizer cannot be trained on it")
+
+    def _cut(self, n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded random cut of range(n): (kept, cut off)."""
+        order = torch.randperm(n, generator=generator)
+        k = int(round(fraction * n))
+        return order[k:], order[:k]
+
+    def _load(self) -> dict[str, Dataset]:
+        g = torch.Generator().manual_seed(self.split_seed)
+        if self.kind == "idx":
+            folder = Path(self.path)
+            load = lambda prefix, what: torch.from_numpy(read_idx(find_idx(folder, prefix, what)).copy())  # noqa: E731
+            x, y = load("train", "images").float() / 255, load("train", "labels").long()
+            x_test, y_test = load("t10k", "images").float() / 255, load("t10k", "labels").long()
+            train, val = self._cut(len(y), self.val_fraction, g)
+            self.label_names = [str(i) for i in range(int(y.max()) + 1)]
+            return {"train": TensorImages(x[train], y[train], self.mean, self.std),
+                    "validation": TensorImages(x[val], y[val], self.mean, self.std),
+                    "test": TensorImages(x_test, y_test, self.mean, self.std)}
+        if self.kind == "digits":
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            x = torch.tensor(digits.images, dtype=torch.float32) / 16  # [N, 8, 8]
+            y = torch.tensor(digits.target, dtype=torch.long)
+            rest, test = self._cut(len(y), self.test_fraction, g)
+            keep, val = self._cut(len(rest), self.val_fraction / (1 - self.test_fraction), g)
+            train, val = rest[keep], rest[val]
+            self.label_names = [str(c) for c in digits.target_names]
+            return {s: TensorImages(x[i], y[i], self.mean, self.std)
+                    for s, i in (("train", train), ("validation", val), ("test", test))}
+        root = Path(self.path)
+        train_all = FolderImages(root / "train", self.image_size, self.mean, self.std, train=True)
+        plain = FolderImages(root / "train", self.image_size, self.mean, self.std, train=False)
+        train, val = self._cut(len(train_all), self.val_fraction, g)
+        self.label_names = train_all.classes
+        return {"train": Subset(train_all, train.tolist()), "validation": Subset(plain, val.tolist()),
+                "test": FolderImages(root / "val", self.image_size, self.mean, self.std, train=False)}
+
+    def setup(self, stage: str | None = None):
+        if self.splits is not None:
+            return
+        splits = self._load()
+        limits = {"train": self.limit_train, "validation": self.limit_eval, "test": self.limit_eval}
+        self.splits = {s: Subset(d, range(min(limits[s], len(d)))) if limits[s] else d for s, d in splits.items()}
+
+    def prepare_data(self):
+        pass
+
+    @property
+    def num_labels(self) -> int:
+        self.setup()
+        return len(self.label_names)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        self.setup()
+        g = torch.Generator().manual_seed(self.split_seed)
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=g,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader("validation", False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader("test", False, self.eval_batch_size)

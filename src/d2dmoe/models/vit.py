@@ -1,0 +1,100 @@
+"""Vision Transformers through timm (`timm.create_model`; FFNs in `blocks[i].mlp`): image
+classification, cost per image over all its tokens (patches and prefix tokens; images have no padding)."""
+from __future__ import annotations
+
+import copy
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ..moe import FFN
+from .base import Adapter, Dims
+
+
+class VitAdapter(Adapter):
+    """timm ViTs. `path` names the timm architecture (e.g. `vit_base_patch16_224`); `config` holds
+    create_model arguments (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio);
+    `weights_file` a local checkpoint for the pretrained weights (else timm fetches them from the hub).
+    attn_implementation `eager` makes attention explicit matmuls (timm's non-fused path)."""
+
+    family = "vit"
+    where = "model.blocks[i].mlp (timm Mlp: fc1, act, fc2)"
+
+    def __init__(self, *args, weights_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weights_file = weights_file
+
+    def tokenizer(self, data=None):
+        return None  # images
+
+    def create(self, num_labels: int, pretrained: bool) -> nn.Module:
+        import timm
+
+        kwargs = dict(self.config_overrides)
+        if pretrained and self.weights_file:
+            kwargs["pretrained_cfg_overlay"] = {"file": self.weights_file}
+        torch.manual_seed(0)  # a model built from a config (and a fresh head) starts the same every time
+        model = timm.create_model(self.path, pretrained=pretrained, num_classes=num_labels, **kwargs)
+        if self.attn_implementation == "eager":
+            for block in model.blocks:
+                block.attn.fused_attn = False
+        return model
+
+    @cached_property
+    def shape(self) -> dict:
+        """What the cost needs from the architecture, read from a model built on the meta device."""
+        with torch.device("meta"):
+            m = self.create(1, pretrained=False)
+        conv = m.patch_embed.proj
+        mlp = m.blocks[0].mlp
+        return {"layers": len(m.blocks), "d": m.embed_dim, "d_ff": mlp.fc1.out_features,
+                "patches": m.patch_embed.num_patches, "prefix": m.num_prefix_tokens,
+                "patch_macs": conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels}
+
+    def dims(self, num_labels: int) -> Dims:
+        s = self.shape
+        return Dims(s["layers"], s["d"], s["d_ff"], num_labels)
+
+    def build(self, num_labels: int, weights: bool = True) -> nn.Module:
+        return self.create(num_labels, pretrained=self.pretrained and weights)
+
+    def find_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.blocks
+
+    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
+        """Each block's `mlp` becomes an FFN. timm's Mlp also holds dropouts and an optional norm
+        between the layers: only the plain form (no norm, dropout 0) converts exactly."""
+        for block in self.blocks(model):
+            if isinstance(block.mlp, FFN):
+                if activation is not None:
+                    block.mlp.act = copy.deepcopy(activation)
+                continue
+            mlp = block.mlp
+            if not isinstance(mlp.norm, nn.Identity) or mlp.drop1.p or mlp.drop2.p:
+                raise ValueError(f"{type(model).__name__}: only timm Mlp blocks without a hidden norm or "
+                                 "dropout convert exactly (set drop_rate=0)")
+            act = copy.deepcopy(activation) if activation is not None else mlp.act
+            block.mlp = FFN(mlp.fc1, mlp.fc2, act)
+        return model
+
+    def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        return [(block, "mlp") for block in self.blocks(model)]
+
+    def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["pixel_values"])  # [B, C]
+
+    def token_mask(self, batch: dict) -> torch.Tensor:
+        """Every token is real: [B, patches + prefix tokens] of ones."""
+        s = self.shape
+        return torch.ones(len(batch["pixel_values"]), s["patches"] + s["prefix"], dtype=torch.long,
+                          device=batch["pixel_values"].device)
+
+    def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """MACs of everything except the FFNs per image ([B] token counts -> [B]): the patch
+        embedding, then per layer Q, K, V, O (4 T d^2) and attention scores and mixing (2 T^2 d),
+        then the classifier on the pooled token (d C)."""
+        t = tokens.double()
+        s = self.shape
+        return s["patches"] * s["patch_macs"] + dims.layers * (4 * t * dims.d**2 + 2 * t**2 * dims.d) \
+            + dims.d * dims.num_labels
