@@ -1,6 +1,8 @@
 """What decoder-only language models share: tokenizer, building, dims, the LM head's cost."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -26,6 +28,7 @@ class CausalLMAdapter(Adapter):
         self.gguf_file = gguf_file
         self.vocab_size: int | None = None  # known once the tokenizer is
         self.eos_id: int | None = None
+        self._config = None  # read once (a GGUF file takes seconds to parse), again after the tokenizer
 
     def tokenizer(self, data=None):
         if self.tokenizer_spec is not None:
@@ -40,9 +43,15 @@ class CausalLMAdapter(Adapter):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token  # padding is masked out of the loss and the cost anyway
         self.vocab_size, self.eos_id = len(tok), tok.eos_token_id
+        self._config = None
         return tok
 
     def hf_config(self):
+        if self._config is None:
+            self._config = self.read_config()
+        return self._config
+
+    def read_config(self):
         import transformers
         from transformers import AutoConfig
 
@@ -69,7 +78,7 @@ class CausalLMAdapter(Adapter):
     def build(self, num_labels: int | None = None, weights: bool = True) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        cfg = self.hf_config()
+        cfg = copy.deepcopy(self.hf_config())  # each model owns its config
         torch.manual_seed(0)  # a model built from a config starts the same every time
         if self.pretrained and weights:
             kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
