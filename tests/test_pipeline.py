@@ -105,6 +105,8 @@ def test_language_model_pipeline(model, tmp_path):
     costs = [p["rel_cost"] for p in points[1:]]
     assert costs == sorted(costs, reverse=True)
     assert list(tmp_path.glob("data/bpe-512-*")), "the tokenizer was trained and cached"
+    again = pipeline.run(cfg)  # every phase loaded back from its artifact into a fresh model
+    assert [(p["value"], p["macs"]) for p in again] == [(p["value"], p["macs"]) for p in points]
 
 
 def test_gpt2_owt_loads_local_weights_and_a_local_text_file(tmp_path):

@@ -81,6 +81,8 @@ def test_vit_pipeline_on_digits(tmp_path):
     assert points[1]["experts_per_token"] == 8
     costs = [p["rel_cost"] for p in points[1:]]
     assert costs == sorted(costs, reverse=True)
+    again = pipeline.run(cfg)  # every phase loaded back from its artifact into a fresh model
+    assert [(p["value"], p["macs"]) for p in again] == [(p["value"], p["macs"]) for p in points]
 
 
 def write_idx(path, array: np.ndarray):
