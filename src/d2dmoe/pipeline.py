@@ -166,13 +166,18 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> list[dict]
     return points
 
 
-def run(cfg: DictConfig, wandb_run=None) -> list[dict]:
-    """All phases for one config; returns the evaluated points (the dense reference first).
-    Upstream phases are loaded or trained only when a downstream artifact is missing."""
+def convert(cfg: DictConfig, wandb_run=None) -> tuple[Context, nn.Module, nn.Module]:
+    """The dense reference and the converted model (routers trained) for one config. Upstream phases
+    are loaded or trained only when a downstream artifact is missing."""
     ctx = build_context(cfg, wandb_run)
     art = artifacts(cfg)
     dense = obtain(ctx, art["dense"], "dense", lambda: train_dense(ctx))
     sparse = lambda: obtain(ctx, art["sparsify"], "relu", lambda: sparsify(ctx, dense))  # noqa: E731
     moe = lambda: obtain(ctx, art["split"], "moe", lambda: split(ctx, sparse()))  # noqa: E731
     routed = obtain(ctx, art["routers"], "moe", lambda: train_routers(ctx, moe()))
-    return evaluate_phase(ctx, dense, routed)
+    return ctx, dense, routed
+
+
+def run(cfg: DictConfig, wandb_run=None) -> list[dict]:
+    """All phases for one config; returns the evaluated points (the dense reference first)."""
+    return evaluate_phase(*convert(cfg, wandb_run))

@@ -1,0 +1,133 @@
+"""Benchmark: wall-clock time against counted MACs, on this machine's CPU threads.
+
+1. One MoE layer (gather execution: only the chosen experts run) against the dense MLP of the same
+   shape, at MiniLM (d=384, d_ff=1536) and BERT-base (d=768, d_ff=3072) sizes, on 32 sequences of
+   128 tokens, each token running exactly round(fraction * E) random experts.
+2. The converted built-in default at each tau against its dense model, over the test split, in one
+   run (the artifacts are reused, or trained first).
+Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
+
+    python experiments/bench_wallclock.py [hydra overrides for part 2] [--repeats 5] [--layer-only]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from d2dmoe.moe import FFN, MoE, Router
+
+FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+SIZES = {"minilm": (384, 1536, 128), "bert_base": (768, 3072, 128)}  # d, d_ff, experts (12 / 24 neurons)
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def layer_rows(repeats: int) -> list[dict]:
+    rows = []
+    for name, (d, d_ff, E) in SIZES.items():
+        torch.manual_seed(0)
+        ffn = FFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), nn.ReLU())
+        moe = MoE.from_ffn(ffn, list(torch.arange(d_ff).chunk(E)), Router(d, E))
+        moe.impl = "gather"
+        x = torch.randn(32, 128, d)  # [B, T, d]
+        dense_ms = median_ms(lambda: ffn(x), repeats)
+        for fraction in FRACTIONS:
+            k = max(1, round(fraction * E))
+            chosen = torch.rand(32, 128, E).topk(k, dim=-1).indices
+            mask = torch.zeros(32, 128, E, dtype=torch.bool).scatter_(-1, chosen, True)
+            moe.gate = lambda scores, m=mask: m  # exactly k random experts per token
+            moe_ms = median_ms(lambda: moe(x), repeats)
+            router = d * 128 + 128 * E
+            flop_ratio = (router + k * 2 * d * (d_ff // E)) / (2 * d * d_ff)
+            rows.append({"size": name, "fraction": k / E, "moe_ms": round(moe_ms, 2),
+                         "dense_ms": round(dense_ms, 2), "flop_ratio": round(flop_ratio, 4),
+                         "time_ratio": round(moe_ms / dense_ms, 4)})
+    return rows
+
+
+def model_rows(overrides: list[str], repeats: int) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+
+    from d2dmoe.moe import DynamicKGate, set_gate, set_impl
+    from d2dmoe.phases.evaluate import Evaluation
+    from d2dmoe.pipeline import convert
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["logger=none", *overrides])
+    ctx, dense, moe = convert(cfg)
+    batches = list(ctx.data.test_dataloader())
+    adapter, task = ctx.adapter, ctx.adapter.task
+
+    def evaluate(model) -> tuple[float, float]:
+        """(median ms over the test split, metric) with the model as it is set."""
+        model.eval()
+        scores = []
+
+        def one_pass():
+            scores.clear()
+            with torch.inference_mode():
+                for batch in batches:
+                    scores.append(task.score(adapter.forward(model, batch), batch, adapter.token_mask(batch)))
+
+        ms = median_ms(one_pass, repeats)
+        return ms, sum(t for t, _ in scores) / sum(c for _, c in scores)
+
+    dense_ms, dense_value = evaluate(dense)
+    rows = [{"tau": None, "rel_cost": 1.0, "time_ratio": 1.0, task.metric: dense_value, "ms": round(dense_ms, 1)}]
+    set_impl(moe, cfg.experts.impl)
+    for tau in cfg.routing.taus:
+        set_gate(moe, DynamicKGate(float(tau)))
+        ev = ctx.test(Evaluation(moe, adapter, ctx.dims))  # the counted cost of the same points
+        ms, value = evaluate(moe)
+        rows.append({"tau": float(tau), "rel_cost": round(ev.macs / ev.dense_macs, 4),
+                     "time_ratio": round(ms / dense_ms, 4), task.metric: value, "ms": round(ms, 1)})
+    return rows
+
+
+def show(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    cells = [[("-" if r[k] is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k])) for k in keys]
+             for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(keys), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the whole-model part")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layer-only", action="store_true")
+    parser.add_argument("--out", default="benchmark/bench_wallclock.json")
+    args = parser.parse_args()
+
+    result = {"threads": torch.get_num_threads(), "device": "cpu", "repeats": args.repeats,
+              "layer": layer_rows(args.repeats)}
+    print(f"One layer, 32 x 128 tokens, {result['threads']} threads, gather execution, medians:\n"
+          f"{show(result['layer'])}\n", flush=True)
+    if not args.layer_only:
+        result["model_overrides"] = args.overrides
+        result["model"] = model_rows(args.overrides, args.repeats)
+        print(f"Whole converted model on the test split:\n{show(result['model'])}\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
