@@ -126,7 +126,20 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return iter([b.tolist() for b in batches])
 
 
-class TokenizedTextData(L.LightningDataModule):
+class SplitData(L.LightningDataModule):
+    """The three loaders of a data module whose `_loader(split, shuffle, batch_size)` builds one."""
+
+    def train_dataloader(self):
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader("validation", False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader("test", False, self.eval_batch_size)
+
+
+class TokenizedTextData(SplitData):
     """Loading, splitting, tokenising once (cached on disk) and batching by length. Subclasses say
     how the raw splits become model inputs (`_encode`)."""
 
@@ -222,15 +235,6 @@ class TokenizedTextData(L.LightningDataModule):
         lengths = [len(ids) for ids in self.splits[split]["input_ids"]]
         batches = LengthGroupedBatches(lengths, batch_size, shuffle, seed=self.split_seed)
         return DataLoader(self.splits[split], batch_sampler=batches, collate_fn=DataCollatorWithPadding(self.tokenizer))
-
-    def train_dataloader(self):
-        return self._loader("train", True, self.batch_size)
-
-    def val_dataloader(self):
-        return self._loader("validation", False, self.eval_batch_size)
-
-    def test_dataloader(self):
-        return self._loader("test", False, self.eval_batch_size)
 
 
 class TextClassificationData(TokenizedTextData):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from .data import SplitData
 
 KINDS = ("idx", "image_folder", "digits")
 
@@ -71,7 +72,7 @@ class FolderImages(Dataset):
         return {"pixel_values": image, "labels": label}
 
 
-class ImageClassificationData(L.LightningDataModule):
+class ImageClassificationData(SplitData):
     def __init__(self, name: str, kind: str, path: str | None = None, image_size: int = 224,
                  mean: list[float] = (0.5,), std: list[float] = (0.5,), batch_size: int = 64,
                  eval_batch_size: int = 256, split_seed: int = 0, val_fraction: float = 0.1,
@@ -152,12 +153,3 @@ class ImageClassificationData(L.LightningDataModule):
         g = torch.Generator().manual_seed(self.split_seed)
         return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=g,
                           num_workers=self.num_workers)
-
-    def train_dataloader(self):
-        return self._loader("train", True, self.batch_size)
-
-    def val_dataloader(self):
-        return self._loader("validation", False, self.eval_batch_size)
-
-    def test_dataloader(self):
-        return self._loader("test", False, self.eval_batch_size)

@@ -7,11 +7,13 @@ downstream (sparsify, split, routers, cost) sees only `FFN`/`MoE`, the adapter a
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..moe import FFN
 from ..tasks import Classification
 
 
@@ -41,6 +43,11 @@ class Adapter:
     def find_blocks(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
 
+    def make_ffn(self, block: nn.Module) -> FFN:
+        """Replace the block's feed-forward network by an equivalent `FFN` (the model's own
+        activation) and return it."""
+        raise NotImplementedError
+
     # -- shared ----------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         try:
@@ -52,6 +59,17 @@ class Adapter:
                 f"model class {type(model).__name__}: the {self.family!r} adapter looks for its FFNs in "
                 f"{self.where} and cannot find them ({err}); adapters that exist: {sorted(ADAPTERS)} "
                 "(set model.family and model._target_ to the one matching your model)") from err
+
+    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
+        """Put an `FFN` in each block (blocks that have one keep it). activation=None keeps the
+        model's own; otherwise a copy of it goes in every FFN."""
+        for block in self.blocks(model):
+            ffn = next((m for m in block.modules() if isinstance(m, FFN)), None)
+            if ffn is None:
+                ffn = self.make_ffn(block)
+            if activation is not None:
+                ffn.act = copy.deepcopy(activation)
+        return model
 
     def tokenizer(self, data=None):
         """The tokenizer the data is encoded with; None for models that take no text."""

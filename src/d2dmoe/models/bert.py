@@ -1,8 +1,6 @@
 """BERT-family encoders (BERT, MiniLM, ...) with a sequence-classification head."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -40,21 +38,13 @@ class BertAdapter(Adapter):
     def find_blocks(self, model: nn.Module) -> list[nn.Module]:
         return model.bert.encoder.layer
 
-    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
-        """Put an `FFN` in each block: `intermediate` computes the whole FFN, `output.dense` becomes
-        the identity (BertOutput then adds dropout, the residual and LayerNorm as before).
-        activation=None keeps the model's own (GELU); otherwise a copy of it goes in every FFN."""
-        for block in self.blocks(model):
-            if isinstance(block.intermediate, FFN):
-                ffn = block.intermediate
-                if activation is not None:
-                    ffn.act = copy.deepcopy(activation)
-                continue
-            inter, out = block.intermediate, block.output
-            act = copy.deepcopy(activation) if activation is not None else inter.intermediate_act_fn
-            block.intermediate = FFN(inter.dense, out.dense, act)
-            out.dense = nn.Identity()
-        return model
+    def make_ffn(self, block: nn.Module) -> FFN:
+        """`intermediate` computes the whole FFN, `output.dense` becomes the identity (BertOutput
+        then adds dropout, the residual and LayerNorm as before)."""
+        inter, out = block.intermediate, block.output
+        block.intermediate = FFN(inter.dense, out.dense, inter.intermediate_act_fn)
+        out.dense = nn.Identity()
+        return block.intermediate
 
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """(parent, attribute) of each block's FFN, for swapping it for an MoE."""

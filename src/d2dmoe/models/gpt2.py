@@ -2,8 +2,6 @@
 layers, transposed relative to `nn.Linear`: they become Linear layers inside the `FFN`."""
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from ..moe import FFN
@@ -30,18 +28,12 @@ class GPT2Adapter(CausalLMAdapter):
     def find_blocks(self, model: nn.Module) -> list[nn.Module]:
         return model.transformer.h
 
-    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
-        """Each block's `mlp` becomes Sequential(FFN, the MLP's dropout). activation=None keeps GELU."""
-        for block in self.blocks(model):
-            if isinstance(block.mlp, nn.Sequential):
-                if activation is not None:
-                    block.mlp[0].act = copy.deepcopy(activation)
-                continue
-            mlp = block.mlp
-            act = copy.deepcopy(activation) if activation is not None else mlp.act
-            ffn = FFN(conv1d_to_linear(mlp.c_fc), conv1d_to_linear(mlp.c_proj), act)
-            block.mlp = nn.Sequential(ffn, mlp.dropout)
-        return model
+    def make_ffn(self, block: nn.Module) -> FFN:
+        """The block's `mlp` becomes Sequential(FFN, the MLP's dropout)."""
+        mlp = block.mlp
+        ffn = FFN(conv1d_to_linear(mlp.c_fc), conv1d_to_linear(mlp.c_proj), mlp.act)
+        block.mlp = nn.Sequential(ffn, mlp.dropout)
+        return ffn
 
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return [(block.mlp, "0") for block in self.blocks(model)]

@@ -3,8 +3,6 @@ mlp = down(act(gate(x)) * up(x)). The ReLU swap goes on the gate branch; the spl
 gate projection's rows, and each expert carries its slices of gate, up and down."""
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from ..moe import FFN
@@ -20,17 +18,11 @@ class LlamaAdapter(CausalLMAdapter):
     def find_blocks(self, model: nn.Module) -> list[nn.Module]:
         return model.model.layers
 
-    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
-        """Each block's `mlp` becomes a gated FFN. activation=None keeps the model's own (SiLU/GELU)."""
-        for block in self.blocks(model):
-            if isinstance(block.mlp, FFN):
-                if activation is not None:
-                    block.mlp.act = copy.deepcopy(activation)
-                continue
-            mlp = block.mlp
-            act = copy.deepcopy(activation) if activation is not None else mlp.act_fn
-            block.mlp = FFN(mlp.gate_proj, mlp.down_proj, act, up=mlp.up_proj)
-        return model
+    def make_ffn(self, block: nn.Module) -> FFN:
+        """The block's `mlp` becomes a gated FFN."""
+        mlp = block.mlp
+        block.mlp = FFN(mlp.gate_proj, mlp.down_proj, mlp.act_fn, up=mlp.up_proj)
+        return block.mlp
 
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return [(block, "mlp") for block in self.blocks(model)]

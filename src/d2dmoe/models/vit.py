@@ -2,7 +2,6 @@
 classification, cost per image over all its tokens (patches and prefix tokens; images have no padding)."""
 from __future__ import annotations
 
-import copy
 from functools import cached_property
 
 import torch
@@ -62,21 +61,15 @@ class VitAdapter(Adapter):
     def find_blocks(self, model: nn.Module) -> list[nn.Module]:
         return model.blocks
 
-    def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
-        """Each block's `mlp` becomes an FFN. timm's Mlp also holds dropouts and an optional norm
+    def make_ffn(self, block: nn.Module) -> FFN:
+        """The block's `mlp` becomes an FFN. timm's Mlp also holds dropouts and an optional norm
         between the layers: only the plain form (no norm, dropout 0) converts exactly."""
-        for block in self.blocks(model):
-            if isinstance(block.mlp, FFN):
-                if activation is not None:
-                    block.mlp.act = copy.deepcopy(activation)
-                continue
-            mlp = block.mlp
-            if not isinstance(mlp.norm, nn.Identity) or mlp.drop1.p or mlp.drop2.p:
-                raise ValueError(f"{type(model).__name__}: only timm Mlp blocks without a hidden norm or "
-                                 "dropout convert exactly (set drop_rate=0)")
-            act = copy.deepcopy(activation) if activation is not None else mlp.act
-            block.mlp = FFN(mlp.fc1, mlp.fc2, act)
-        return model
+        mlp = block.mlp
+        if not isinstance(mlp.norm, nn.Identity) or mlp.drop1.p or mlp.drop2.p:
+            raise ValueError(f"{type(mlp).__name__}: only timm Mlp blocks without a hidden norm or "
+                             "dropout convert exactly (set drop_rate=0)")
+        block.mlp = FFN(mlp.fc1, mlp.fc2, mlp.act)
+        return block.mlp
 
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return [(block, "mlp") for block in self.blocks(model)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from ..cost import dense_macs, moe_model_macs
+from ..cost import dense_macs, executed_pairs, moe_model_macs
 from ..moe import moe_layers
 
 
@@ -33,7 +33,7 @@ class Evaluation(L.LightningModule):
         moes = moe_layers(self.model)
         if moes:
             self.macs_sum += float(moe_model_macs(self.adapter, self.model, mask, self.dims).sum())
-            self.pairs += sum(float((m.last_mask.sum(-1) * mask).sum()) for m in moes) / len(moes)
+            self.pairs += sum(float(executed_pairs(m, mask).sum()) for m in moes) / len(moes)
             self.tokens += float(tokens.sum())
         else:
             self.macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
