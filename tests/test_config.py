@@ -42,11 +42,15 @@ def test_topk_routing_shares_the_router_settings():
     (["routing.taus=[]"], "routing.taus"),
     (["routing=topk", "routing.ks=[0,2]"], "routing.ks"),
     (["routing=topk", "routing.ks=[]"], "routing.ks"),
+    (["routing=both", "routing.ks=[0]"], "routing.ks"),
+    (["routing=both", "routing.taus=[2]"], "routing.taus"),
     (["sparsity.alpha=-0.01"], "sparsity.alpha"),
     (["sparsity.penalty=l3"], "sparsity.penalty"),
     (["sparsity.schedule=cosine"], "sparsity.schedule"),
     (["experts.expert_size=24"], "experts"),
     (["experts.impl=sparse"], "experts.impl"),
+    (["sparsity.activation=gelu"], "sparsity.activation"),
+    (["routing.router.kind=softmax"], "routing.router.kind"),
     (["model.family=resnet"], "model.family"),
 ])
 def test_bad_values_name_the_key(overrides, key):
@@ -70,6 +74,22 @@ def test_shape_checks_name_the_key(overrides, key, words):
     with pytest.raises(ConfigError, match=words) as err:
         check_model(cfg, MINILM)
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("experiment", [None, "minilm_carer", "smoke"])
+def test_moefication_method_holds_under_every_experiment(experiment):
+    """MoEfication: no sparsity penalty, BCE routers, top-k; D2DMoE (the default): the opposite."""
+    extra = [f"experiment={experiment}"] if experiment else []
+    moef = compose_config(extra + ["method=moefication"])
+    assert (moef.method.name, moef.sparsity.alpha, moef.routing.rule, moef.routing.router.kind) == \
+        ("moefication", 0.0, "topk", "moefication")
+    d2d = compose_config(extra)
+    assert (d2d.method.name, d2d.routing.rule, d2d.routing.router.kind) == ("d2dmoe", "dynk", "regression")
+    assert d2d.sparsity.alpha > 0
+    # the rest of the router settings are shared, and command-line overrides still win
+    assert moef.routing.router.hidden == d2d.routing.router.hidden
+    ablation = compose_config(extra + ["method=moefication", "sparsity.alpha=0.01", "routing=dynk"])
+    assert (ablation.sparsity.alpha, ablation.routing.rule) == (0.01, "dynk")
 
 
 def test_unknown_model_or_data_name_lists_the_choices():

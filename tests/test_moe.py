@@ -74,6 +74,19 @@ def test_router_shape_and_sign():
     assert (router(torch.randn(4, 16)) >= 0).all()
 
 
+def test_moefication_router_has_the_same_parameters_with_tanh_and_sigmoid_scores():
+    torch.manual_seed(0)
+    regression = Router(16, 6, hidden=32)
+    moefication = Router(16, 6, hidden=32, kind="moefication")
+    moefication.load_state_dict(regression.state_dict())  # one split artifact serves both kinds
+    assert isinstance(moefication.net[1], nn.Tanh)
+    x = torch.randn(5, 16)
+    logits = moefication.net[2](torch.tanh(moefication.net[0](x)))
+    torch.testing.assert_close(moefication(x), torch.sigmoid(logits))
+    with pytest.raises(ValueError, match="unknown router kind 'softmax'"):
+        Router(16, 6, kind="softmax")
+
+
 @pytest.fixture
 def scores():
     torch.manual_seed(1)
@@ -186,3 +199,22 @@ def test_gather_runs_only_selected_experts():
     assert sum(calls) == 6  # every token's one expert, nothing more
     masked = moe.masked(x, moe.last_mask)
     torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_gather_without_autograd_equals_masked(gated):
+    """Inference gather (reused buffers) gives the masked outputs, also when the buffers are reused
+    for a larger and then a smaller set of pairs."""
+    torch.manual_seed(3)
+    up = nn.Linear(16, 48, bias=False) if gated else None
+    ffn = FFN(nn.Linear(16, 48), nn.Linear(48, 16), nn.GELU(), up)
+    moe, _ = split_ffn(ffn, 6)
+    for p in (0.2, 0.7, 0.1):
+        x = torch.randn(3, 5, 16)
+        mask = torch.rand(3, 5, 6) < p
+        mask[0, 0] = False
+        mask[0, 0, 1] = True  # every token runs at least one expert
+        with torch.no_grad():
+            torch.testing.assert_close(moe.gathered(x, mask), moe.masked(x, mask), rtol=1e-5, atol=1e-5)
+    assert set(moe.buffers_) == ({"xs", "h", "y", "up"} if gated else {"xs", "h", "y"})
+    assert "buffers_" not in str(list(moe.state_dict()))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from d2dmoe import pipeline
-from d2dmoe.results import POINT_KEYS, read_points
+from d2dmoe.results import POINT_KEYS, read_points, read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def artifact_dirs(root: Path) -> dict[str, int]:
 
 
 def test_pipeline_runs_every_phase_then_reuses_them(smoke_cfg, monkeypatch):
-    points = pipeline.run(smoke_cfg)
+    points = pipeline.run(smoke_cfg).points
     assert [p["method"] for p in points] == ["dense"] + ["d2dmoe"] * 3
     assert [p["tau"] for p in points[1:]] == [0.0, 0.5, 1.0]
     dense, *moe = points
@@ -40,11 +40,16 @@ def test_pipeline_runs_every_phase_then_reuses_them(smoke_cfg, monkeypatch):
     for name in ("train_dense", "sparsify", "split", "train_routers"):
         monkeypatch.setattr(pipeline, name, no_training)
     smoke_cfg.routing.taus = [0.5, 0.9]  # evaluation-only: retrains nothing
-    again = pipeline.run(smoke_cfg)
+    again = pipeline.run(smoke_cfg).points
     assert again[1] == {**moe[1]}  # same artifacts, same numbers
     smoke_cfg.experts.impl = "masked"  # execution only: retrains nothing, same points
-    masked = pipeline.run(smoke_cfg)
+    masked = pipeline.run(smoke_cfg).points
     assert [(p["value"], p["macs"]) for p in masked] == [(p["value"], p["macs"]) for p in again]
+    smoke_cfg.routing.rule = "both"  # dynamic-k and top-k on the same routers: retrains nothing
+    both = pipeline.run(smoke_cfg).points
+    assert [(p["rule"], p["tau"], p["k"]) for p in both[1:]] == [
+        ("dynk", 0.5, None), ("dynk", 0.9, None), ("topk", None, 1), ("topk", None, 2), ("topk", None, 8)]
+    assert both[1] == again[1] and both[-1]["experts_per_token"] == 8
     assert artifact_dirs(root) == {"dense": 1, "sparsify": 1, "split": 1, "routers": 1}
 
 
@@ -68,72 +73,25 @@ def test_run_py_sweep_writes_results_and_shares_upstream_phases(tmp_path):
         assert (out / "pareto.png").stat().st_size > 10_000
         runs = list((out / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, "one W&B run per job"
+        logged = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))
+        for table in (b"points", b"expert_use", b"activation_sparsity"):
+            assert table in logged
 
-    # top-k on the same routers: nothing retrains, a new kind of point comes out
-    result = run_py("experiment=smoke", "routing=topk", "routing.ks=[1,2,8]", f"artifacts_dir={art}",
-                    f"hydra.run.dir={tmp_path / 'topk'}")
-    assert artifact_dirs(art) == {"dense": 1, "sparsify": 2, "split": 2, "routers": 2}
-    points = read_points(tmp_path / "topk" / "points.jsonl")
-    assert [(p["rule"], p["k"]) for p in points] == [("dense", None), ("topk", 1), ("topk", 2), ("topk", 8)]
+    stats = read_stats(tmp_path / "sweep" / "1")
+    assert len(stats["activation"]) == 2  # tiny BERT: 2 layers
+    assert [q["tau"] for q in stats["points"]] == [0.0, 0.5, 1.0]
+    for q, p in zip(stats["points"], points[1:]):
+        assert [len(layer["experts_hist"]) for layer in q["layers"]] == [9, 9]  # 0..8 experts
+        mean = sum(layer["experts_per_token"] for layer in q["layers"]) / 2
+        assert mean == pytest.approx(p["experts_per_token"])
+
+    # MoEfication: alpha 0 reuses the alpha=0 job's sparsify and split; only its routers train
+    result = run_py("experiment=smoke", "method=moefication", f"artifacts_dir={art}",
+                    f"hydra.run.dir={tmp_path / 'moefication'}")
+    assert artifact_dirs(art) == {"dense": 1, "sparsify": 2, "split": 2, "routers": 3}
+    points = read_points(tmp_path / "moefication" / "points.jsonl")
+    assert [(p["method"], p["rule"], p["k"]) for p in points] == [
+        ("dense", "dense", None), ("moefication", "topk", 1), ("moefication", "topk", 2), ("moefication", "topk", 8)]
+    assert {p["router"] for p in points} == {"moefication"} and points[1]["alpha"] == 0.0
     assert points[-1]["experts_per_token"] == 8
     assert "rel_cost" in result.stdout and "topk" in result.stdout  # the printed table
-
-
-def test_bad_value_fails_before_any_compute(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "experiment=smoke", "routing.taus=[2.0]",
-                             f"artifacts_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "routing.taus: tau=2.0 is outside [0, 1]" in result.stderr
-    assert not any(tmp_path.glob("dense-*"))
-
-
-@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
-def test_language_model_pipeline(model, tmp_path):
-    """Every phase on a tiny LM trained from a config, with a BPE tokenizer trained on the BBC text."""
-    import math
-
-    from tests.conftest import compose_config
-
-    cfg = compose_config(["experiment=smoke", f"model={model}", "data=bbc_news_lm"], artifacts_dir=tmp_path)
-    points = pipeline.run(cfg)
-    assert [p["method"] for p in points] == ["dense"] + ["d2dmoe"] * 3
-    assert all(p["metric"] == "loss" and p["perplexity"] == pytest.approx(math.exp(p["value"])) for p in points)
-    dense, all_experts, *_ = points
-    assert math.log(512) * 0.5 < dense["value"] < math.log(512) * 1.5  # a fresh 512-token LM: about ln V
-    assert all_experts["experts_per_token"] == 8
-    costs = [p["rel_cost"] for p in points[1:]]
-    assert costs == sorted(costs, reverse=True)
-    assert list(tmp_path.glob("data/bpe-512-*")), "the tokenizer was trained and cached"
-    again = pipeline.run(cfg)  # every phase loaded back from its artifact into a fresh model
-    assert [(p["value"], p["macs"]) for p in again] == [(p["value"], p["macs"]) for p in points]
-
-
-def test_gpt2_owt_loads_local_weights_and_a_local_text_file(tmp_path):
-    """The paper's GPT-2 experiment through its real loading code (`from_pretrained`, `load_dataset`),
-    pointed at a GPT-2 saved locally and a local text file instead of the hub."""
-    import math
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from d2dmoe.tokenizer import train_bpe
-    from tests.conftest import compose_config
-
-    text = tmp_path / "owt.txt"
-    text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7} times." * 3
-                              for i in range(400)))
-    tok = train_bpe(text.read_text().splitlines(), tmp_path / "tok", vocab_size=300)
-    model_dir = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64, n_positions=64,
-                               vocab_size=len(tok))).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    cfg = compose_config(["experiment=gpt2_owt", f"model.path={model_dir}", f"data.path={text}",
-                          "data.max_length=32", "data.val_fraction=0.05", "data.test_fraction=0.05",
-                          "data.limit_train=64", "data.limit_eval=16", "sparsity.max_steps=3",
-                          "routing.router.max_steps=3", "routing.taus=[0,1]", "logger=none", "offline=true",
-                          "trainer.enable_progress_bar=false"], artifacts_dir=tmp_path / "artifacts")
-    points = pipeline.run(cfg)
-    assert [p["method"] for p in points] == ["dense", "d2dmoe", "d2dmoe"]
-    assert points[0]["metric"] == "loss" and math.isfinite(points[0]["value"])
-    assert points[0]["num_experts"] == 16  # expert_size 4 of d_ff 64
-    assert points[1]["experts_per_token"] == 16

@@ -75,13 +75,13 @@ def test_dense_and_moe_macs_match_flop_counter():
 def test_vit_pipeline_on_digits(tmp_path):
     cfg = compose_config(["experiment=smoke", "model=tiny_vit", "data=digits", "~data.max_length"],
                          artifacts_dir=tmp_path)  # images have no max_length
-    points = pipeline.run(cfg)
+    points = pipeline.run(cfg).points
     assert [p["method"] for p in points] == ["dense"] + ["d2dmoe"] * 3
     assert all(p["metric"] == "accuracy" and 0 <= p["value"] <= 1 for p in points)
     assert points[1]["experts_per_token"] == 8
     costs = [p["rel_cost"] for p in points[1:]]
     assert costs == sorted(costs, reverse=True)
-    again = pipeline.run(cfg)  # every phase loaded back from its artifact into a fresh model
+    again = pipeline.run(cfg).points  # every phase loaded back from its artifact into a fresh model
     assert [(p["value"], p["macs"]) for p in again] == [(p["value"], p["macs"]) for p in points]
 
 

@@ -18,8 +18,19 @@ SPEC = "spec.json"
 INFO = "info.json"
 
 
+def canonical(value):
+    """Whole floats as ints: `alpha=0` on the command line and `alpha: 0.0` in a file name one artifact."""
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def config_key(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(canonical(spec), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 class Artifact:

@@ -41,7 +41,7 @@ def run_job(cfg: DictConfig) -> list[dict]:
     from hydra.core.hydra_config import HydraConfig
 
     from . import pipeline
-    from .results import log_wandb, plot_pareto, table, write_points
+    from .results import log_wandb, plot_pareto, table, write_points, write_stats
 
     if cfg.offline:  # before anything imports huggingface_hub: no 25 s DNS retries per hub call
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,11 +53,13 @@ def run_job(cfg: DictConfig) -> list[dict]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     run = start_wandb(cfg, out_dir) if cfg.logger.enabled else None
     try:
-        points = pipeline.run(cfg, run)
-        write_points(points, out_dir)
+        results = pipeline.run(cfg, run)
+        points = results.points
+        write_stats(results, out_dir)
+        write_points(points, out_dir)  # last: a run directory with points.jsonl is complete
         png = plot_pareto(points, out_dir / "pareto.png")
         if run is not None:
-            log_wandb(run, points, png)
+            log_wandb(run, points, png, results.stats)
         print(f"\n{cfg.model.name} on {cfg.data.name}: results in {out_dir}\n{table(points)}\n", flush=True)
         return points
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 from hydra.utils import instantiate
@@ -14,11 +14,12 @@ from torch import nn
 
 from .artifacts import Artifact
 from .models import Dims
-from .moe import DynamicKGate, TopKGate, set_gate, set_impl
+from .moe import AllExperts, DynamicKGate, TopKGate, set_gate, set_impl
 from .phases.evaluate import Evaluation
 from .phases.finetune import TaskTraining
 from .phases.routers import RouterTraining
 from .phases.split import moe_skeleton, split_model
+from .stats import ActivationStats, ExpertUse
 from .validate import check_config, check_model, num_experts
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,23 @@ log = logging.getLogger(__name__)
 # what a phase's data depends on: batch sizes and limits shape training; the cache dir does not
 DATA_KEYS_IGNORED = ("cache_dir", "eval_batch_size")
 EXPERT_KEYS_IGNORED = ("impl",)  # how experts execute changes no weights
+# settings added after artifacts already existed: left out of the hash while they keep the behaviour
+# that came before them, so those artifacts keep their names
+ADDED_WITH_DEFAULT = {"sparsity": {"activation": "relu"}, "router": {"kind": "regression"}}
 
 
 def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
+
+
+def spec_of(node, group: str) -> dict:
+    added = ADDED_WITH_DEFAULT.get(group, {})
+    return {k: v for k, v in plain(node).items() if not (k in added and v == added[k])}
+
+
+def sparse_activation(cfg: DictConfig) -> nn.Module | None:
+    """The FFN activation sparsify trains with: ReLU (the method), or None to keep the model's own."""
+    return nn.ReLU() if cfg.sparsity.activation == "relu" else None
 
 
 @dataclass
@@ -41,12 +55,13 @@ class Context:
     wandb_run: object = None  # the job's W&B run; each training phase logs to it under its own prefix
 
     def new_model(self, stage: str) -> nn.Module:
-        """The architecture a phase's weights load into: dense, relu (FFNs swapped), or moe."""
+        """The architecture a phase's weights load into: dense, sparse (FFN activations swapped), or moe."""
         model = self.adapter.build(self.dims.num_labels, weights=False)
-        if stage in ("relu", "moe"):
-            self.adapter.install_ffns(model, nn.ReLU())
+        if stage in ("sparse", "moe"):
+            self.adapter.install_ffns(model, sparse_activation(self.cfg))
         if stage == "moe":
-            moe_skeleton(self.adapter, model, num_experts(self.cfg, self.dims), self.cfg.routing.router.hidden)
+            r = self.cfg.routing.router
+            moe_skeleton(self.adapter, model, num_experts(self.cfg, self.dims), r.hidden, r.kind)
         return model
 
     def fit(self, module: L.LightningModule, settings: DictConfig, phase: str) -> L.Trainer:
@@ -85,11 +100,11 @@ def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
     data = {k: v for k, v in plain(cfg.data).items() if k not in DATA_KEYS_IGNORED}
     dense = Artifact(root, "dense", {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense),
                                      "seed": cfg.seed})
-    sparsify = Artifact(root, "sparsify", {"upstream": dense.key, "sparsity": plain(cfg.sparsity)})
+    sparsify = Artifact(root, "sparsify", {"upstream": dense.key, "sparsity": spec_of(cfg.sparsity, "sparsity")})
     experts = {k: v for k, v in plain(cfg.experts).items() if k not in EXPERT_KEYS_IGNORED}
     split = Artifact(root, "split", {"upstream": sparsify.key, "experts": experts,
                                      "router_hidden": cfg.routing.router.hidden})
-    routers = Artifact(root, "routers", {"upstream": split.key, "router": plain(cfg.routing.router)})
+    routers = Artifact(root, "routers", {"upstream": split.key, "router": spec_of(cfg.routing.router, "router")})
     return {"dense": dense, "sparsify": sparsify, "split": split, "routers": routers}
 
 
@@ -118,7 +133,7 @@ def train_dense(ctx: Context):
 
 
 def sparsify(ctx: Context, dense: nn.Module):
-    model = ctx.adapter.install_ffns(copy.deepcopy(dense), nn.ReLU())  # the dense model stays the reference
+    model = ctx.adapter.install_ffns(copy.deepcopy(dense), sparse_activation(ctx.cfg))  # dense stays the reference
     s = ctx.cfg.sparsity
     module = TaskTraining(model, ctx.adapter, s.lr, s.weight_decay, s.warmup_fraction, s.penalty, s.alpha,
                           s.schedule)
@@ -127,8 +142,8 @@ def sparsify(ctx: Context, dense: nn.Module):
 
 
 def split(ctx: Context, sparse: nn.Module):
-    e = ctx.cfg.experts
-    model = split_model(ctx.adapter, sparse, num_experts(ctx.cfg, ctx.dims), ctx.cfg.routing.router.hidden,
+    e, r = ctx.cfg.experts, ctx.cfg.routing.router
+    model = split_model(ctx.adapter, sparse, num_experts(ctx.cfg, ctx.dims), r.hidden, r.kind,
                         seed=e.seed, n_init=e.kmeans_n_init)
     return model, {}
 
@@ -140,30 +155,55 @@ def train_routers(ctx: Context, moe: nn.Module):
 
 
 def gates(cfg: DictConfig) -> list[tuple[dict, object]]:
-    """(point fields, gate) for every value of the routing rule's evaluation list."""
-    if cfg.routing.rule == "dynk":
-        return [({"tau": float(t), "k": None}, DynamicKGate(float(t))) for t in cfg.routing.taus]
-    return [({"tau": None, "k": int(k)}, TopKGate(int(k))) for k in cfg.routing.ks]
+    """(point fields, gate) for every value of the routing rule's evaluation list; rule `both`
+    evaluates the dynamic-k taus, then the top-k ks, on the same routers."""
+    out = []
+    if cfg.routing.rule in ("dynk", "both"):
+        out += [({"rule": "dynk", "tau": float(t), "k": None}, DynamicKGate(float(t))) for t in cfg.routing.taus]
+    if cfg.routing.rule in ("topk", "both"):
+        out += [({"rule": "topk", "tau": None, "k": int(k)}, TopKGate(int(k))) for k in cfg.routing.ks]
+    return out
 
 
-def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> list[dict]:
+@dataclass
+class Results:
+    points: list[dict]  # the dense reference first, then one per tau (or k)
+    stats: dict = field(default_factory=dict)  # what the figures need beyond the points (stats.py)
+    patch_images: list = field(default_factory=list)  # ViTs: the first test images, [C, H, W] each
+    patch_maps: list = field(default_factory=list)  # ViTs: per point, [gh, gw] maps of those images
+
+
+def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
     cfg = ctx.cfg
     common = {"model": cfg.model.name, "data": cfg.data.name, "alpha": float(cfg.sparsity.alpha),
-              "penalty": cfg.sparsity.penalty, "num_experts": num_experts(cfg, ctx.dims),
+              "penalty": cfg.sparsity.penalty, "activation": cfg.sparsity.activation,
+              "router": cfg.routing.router.kind, "num_experts": num_experts(cfg, ctx.dims),
+              "expert_size": ctx.dims.d_ff // num_experts(cfg, ctx.dims),
               "metric": ctx.adapter.task.metric, "split": "test"}
     ref = ctx.test(Evaluation(dense.eval(), ctx.adapter, ctx.dims))
     points = [{**common, "method": "dense", "rule": "dense", "tau": None, "k": None, "macs": ref.macs,
                "rel_cost": 1.0, "value": ref.value, "experts_per_token": None,
                **ctx.adapter.task.extra(ref.value)}]
+    # how sparse the converted model's activations are: every expert computed, no gate involved
+    set_gate(moe, AllExperts())
+    activations = ActivationStats()
+    ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, activations=activations))
+    results = Results(points, {"activation": activations.result(), "points": []})
+
     set_impl(moe, cfg.experts.impl)
     for fields, gate in gates(cfg):
         set_gate(moe, gate)
-        ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims))
-        points.append({**common, "method": "d2dmoe", "rule": cfg.routing.rule, **fields, "macs": ev.macs,
+        use = ExpertUse(ctx.adapter.patch_grid)
+        ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, expert_use=use))
+        points.append({**common, "method": cfg.method.name, **fields, "macs": ev.macs,
                        "rel_cost": ev.macs / ev.dense_macs, "value": ev.value,
                        "experts_per_token": ev.experts_per_token, **ctx.adapter.task.extra(ev.value)})
+        results.stats["points"].append({**fields, **use.result()})
+        if use.maps:
+            results.patch_images = use.pixels
+            results.patch_maps.append(use.maps)
         log.info("%s: %s %.4f rel_cost %.4f", gate, common["metric"], ev.value, ev.macs / ev.dense_macs)
-    return points
+    return results
 
 
 def convert(cfg: DictConfig, wandb_run=None) -> tuple[Context, nn.Module, nn.Module]:
@@ -172,12 +212,12 @@ def convert(cfg: DictConfig, wandb_run=None) -> tuple[Context, nn.Module, nn.Mod
     ctx = build_context(cfg, wandb_run)
     art = artifacts(cfg)
     dense = obtain(ctx, art["dense"], "dense", lambda: train_dense(ctx))
-    sparse = lambda: obtain(ctx, art["sparsify"], "relu", lambda: sparsify(ctx, dense))  # noqa: E731
+    sparse = lambda: obtain(ctx, art["sparsify"], "sparse", lambda: sparsify(ctx, dense))  # noqa: E731
     moe = lambda: obtain(ctx, art["split"], "moe", lambda: split(ctx, sparse()))  # noqa: E731
     routed = obtain(ctx, art["routers"], "moe", lambda: train_routers(ctx, moe()))
     return ctx, dense, routed
 
 
-def run(cfg: DictConfig, wandb_run=None) -> list[dict]:
-    """All phases for one config; returns the evaluated points (the dense reference first)."""
+def run(cfg: DictConfig, wandb_run=None) -> Results:
+    """All phases for one config; returns the evaluated points (the dense reference first) and stats."""
     return evaluate_phase(*convert(cfg, wandb_run))

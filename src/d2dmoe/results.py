@@ -1,7 +1,13 @@
-"""The results contract and its reporting: `points.jsonl`, `pareto.png`, a printed table, W&B.
+"""The results contract and its reporting: `points.jsonl`, `stats.json`, `pareto.png`, a printed
+table, W&B.
 
 points.jsonl holds one JSON object per evaluated point with at least POINT_KEYS. Figure scripts and
-outside tools read it: keep the keys stable.
+outside tools read it: keep the keys stable. stats.json holds what the figures need beyond the
+points (d2dmoe.stats): {"activation": per-layer activation sparsity of the converted model,
+"points": per tau (or k), per-layer executed-expert histograms and, for ViTs, the mean executed
+experts per patch}. ViT runs also write patch_maps.npz: `images` [N, C, H, W] (the first test
+images, as the model sees them) and `maps` [points, N, gh, gw] (executed experts per patch,
+averaged over layers), `taus`/`ks` naming the points.
 """
 from __future__ import annotations
 
@@ -21,15 +27,45 @@ TABLE_KEYS = ("method", "rule", "tau", "k", "alpha", "num_experts", "experts_per
 
 
 def write_points(points: list[dict], out_dir: Path) -> Path:
-    path = Path(out_dir) / "points.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in points))
-    os.replace(tmp, path)
-    return path
+    text = "".join(json.dumps(p) + "\n" for p in points)
+    return atomic_write(Path(out_dir) / "points.jsonl", lambda p: p.write_text(text))
 
 
 def read_points(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def atomic_write(path: Path, write) -> Path:
+    """`write(tmp_path)` then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_stats(results, out_dir: Path) -> None:
+    """stats.json, and patch_maps.npz when the model has image patches (see the module docstring)."""
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / "stats.json", lambda p: p.write_text(json.dumps(results.stats)))
+    if results.patch_maps:
+        import numpy as np
+        import torch
+
+        names = results.stats["points"]
+        arrays = {"images": torch.stack(results.patch_images).numpy(),
+                  "maps": torch.stack([torch.stack(m) for m in results.patch_maps]).numpy(),
+                  "taus": np.array([q["tau"] if q["tau"] is not None else np.nan for q in names]),
+                  "ks": np.array([q["k"] if q["k"] is not None else -1 for q in names])}
+
+        def save(path: Path) -> None:
+            with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path
+                np.savez_compressed(f, **arrays)
+
+        atomic_write(out_dir / "patch_maps.npz", save)
+
+
+def read_stats(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "stats.json").read_text())
 
 
 def label(p: dict) -> str:
@@ -93,14 +129,27 @@ def table(points: list[dict]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def log_wandb(run, points: list[dict], png: Path) -> None:
+def log_wandb(run, points: list[dict], png: Path, stats: dict | None = None) -> None:
+    """The points as a table with a scatter plot and the PNG; with stats, also the tables
+    `expert_use` (tau, k, layer, experts_per_token) and `activation_sparsity` (layer, zero_fraction,
+    zero_fraction_std), each with a line plot over layers."""
     import wandb
 
     columns = sorted({k for p in points for k in p})
     data = wandb.Table(columns=columns, data=[[p.get(c) for c in columns] for p in points])
-    run.log({"points": data,
-             "pareto": wandb.plot.scatter(data, "rel_cost", "value", title="metric vs relative cost"),
-             "pareto_png": wandb.Image(str(png))})
+    logged = {"points": data,
+              "pareto": wandb.plot.scatter(data, "rel_cost", "value", title="metric vs relative cost"),
+              "pareto_png": wandb.Image(str(png))}
+    if stats:
+        use = wandb.Table(columns=["tau", "k", "layer", "experts_per_token"],
+                          data=[[q["tau"], q["k"], layer["layer"], layer["experts_per_token"]]
+                                for q in stats["points"] for layer in q["layers"]])
+        act = wandb.Table(columns=["layer", "zero_fraction", "zero_fraction_std"],
+                          data=[[a["layer"], a["zero_fraction"], a["zero_fraction_std"]] for a in stats["activation"]])
+        logged.update({"expert_use": use, "activation_sparsity": act,
+                       "activation_sparsity_plot": wandb.plot.line(act, "layer", "zero_fraction",
+                                                                   title="fraction of zero FFN activations per layer")})
+    run.log(logged)
 
 
 def cheapest_within(points: list[dict], tolerance: float | None = None) -> dict | None:

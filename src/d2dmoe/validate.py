@@ -4,11 +4,12 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from .models import ADAPTERS, Dims
-from .moe import IMPLS
+from .moe import IMPLS, ROUTER_KINDS
 from .sparsity import PENALTIES
 
 SCHEDULES = ("constant", "linear", "linear_warmup")
-RULES = ("dynk", "topk")
+ACTIVATIONS = ("relu", "keep")
+RULES = ("dynk", "topk", "both")  # both: dynamic-k and top-k evaluated on the same routers
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("sparsity.penalty", f"unknown penalty {s.penalty!r}; allowed: {sorted(PENALTIES)}")
     if s.schedule not in SCHEDULES:
         raise ConfigError("sparsity.schedule", f"unknown schedule {s.schedule!r}; allowed: {list(SCHEDULES)}")
+    if s.activation not in ACTIVATIONS:
+        raise ConfigError("sparsity.activation", f"unknown choice {s.activation!r}; allowed: {list(ACTIVATIONS)}")
     e = cfg.experts
     if (e.num_experts is None) == (e.expert_size is None):
         raise ConfigError("experts", "set exactly one of experts.num_experts and experts.expert_size "
@@ -39,16 +42,18 @@ def check_config(cfg: DictConfig) -> None:
     if e.get("impl", "masked") not in IMPLS:
         raise ConfigError("experts.impl", f"unknown execution {e.impl!r}; allowed: {list(IMPLS)}")
     r = cfg.routing
+    if r.router.kind not in ROUTER_KINDS:
+        raise ConfigError("routing.router.kind", f"unknown router {r.router.kind!r}; allowed: {list(ROUTER_KINDS)}")
     if r.rule not in RULES:
         raise ConfigError("routing.rule", f"unknown rule {r.rule!r}; allowed: {list(RULES)}")
-    if r.rule == "dynk":
-        if not r.taus:
+    if r.rule in ("dynk", "both"):
+        if not r.get("taus"):
             raise ConfigError("routing.taus", "empty list; give at least one tau in [0, 1]")
         for tau in r.taus:
             if not 0.0 <= tau <= 1.0:
                 raise ConfigError("routing.taus", f"tau={tau} is outside [0, 1]")
-    else:
-        if not r.ks:
+    if r.rule in ("topk", "both"):
+        if not r.get("ks"):
             raise ConfigError("routing.ks", "empty list; give at least one k >= 1")
         for k in r.ks:
             if k < 1:
@@ -69,7 +74,7 @@ def check_model(cfg: DictConfig, dims: Dims) -> None:
     if e.expert_size is not None and dims.d_ff % e.expert_size:
         raise ConfigError("experts.expert_size",
                           f"{e.expert_size} does not divide the FFN width {dims.d_ff} of model {cfg.model.name}")
-    if cfg.routing.rule == "topk":
+    if cfg.routing.rule in ("topk", "both"):
         E = num_experts(cfg, dims)
         for k in cfg.routing.ks:
             if k > E:

@@ -84,3 +84,8 @@ class Adapter:
     def token_mask(self, batch: dict) -> torch.Tensor:
         """[B, T] mask of the real tokens the FFNs see (1 = real, 0 = padding)."""
         return batch["attention_mask"]
+
+    @property
+    def patch_grid(self) -> tuple[int, int, int] | None:
+        """(prefix tokens, grid height, grid width) when tokens are image patches, else None."""
+        return None

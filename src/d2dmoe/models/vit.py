@@ -49,7 +49,13 @@ class VitAdapter(Adapter):
         mlp = m.blocks[0].mlp
         return {"layers": len(m.blocks), "d": m.embed_dim, "d_ff": mlp.fc1.out_features,
                 "patches": m.patch_embed.num_patches, "prefix": m.num_prefix_tokens,
+                "grid": tuple(m.patch_embed.grid_size),
                 "patch_macs": conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels}
+
+    @property
+    def patch_grid(self) -> tuple[int, int, int]:
+        """timm puts the prefix tokens (class, registers) first, then the patches row by row."""
+        return (self.shape["prefix"], *self.shape["grid"])
 
     def dims(self, num_labels: int) -> Dims:
         s = self.shape

@@ -4,17 +4,23 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from contextlib import nullcontext
+
 from ..cost import dense_macs, executed_pairs, moe_model_macs
 from ..moe import moe_layers
+from ..sparsity import capture_activations
+from ..stats import ActivationStats, ExpertUse
 
 
 class Evaluation(L.LightningModule):
     """Run with `trainer.test`; afterwards `value` (the task's metric), `macs` (mean per sample),
-    `dense_macs` and `experts_per_token`."""
+    `dense_macs` and `experts_per_token`. Given `expert_use` or `activations`, also fills them."""
 
-    def __init__(self, model: torch.nn.Module, adapter, dims):
+    def __init__(self, model: torch.nn.Module, adapter, dims, expert_use: ExpertUse | None = None,
+                 activations: ActivationStats | None = None):
         super().__init__()
         self.model, self.adapter, self.dims = model, adapter, dims
+        self.expert_use, self.activations = expert_use, activations
 
     def on_test_epoch_start(self) -> None:
         self.samples = 0
@@ -24,7 +30,10 @@ class Evaluation(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         mask = self.adapter.token_mask(batch)
-        logits = self.adapter.forward(self.model, batch)
+        with capture_activations(self.model) if self.activations is not None else nullcontext([]) as acts:
+            logits = self.adapter.forward(self.model, batch)
+        if self.activations is not None:
+            self.activations.update(acts, mask)
         total, count = self.adapter.task.score(logits, batch, mask)
         self.metric_sum, self.metric_count = self.metric_sum + total, self.metric_count + count
         tokens = mask.sum(-1)
@@ -35,6 +44,8 @@ class Evaluation(L.LightningModule):
             self.macs_sum += float(moe_model_macs(self.adapter, self.model, mask, self.dims).sum())
             self.pairs += sum(float(executed_pairs(m, mask).sum()) for m in moes) / len(moes)
             self.tokens += float(tokens.sum())
+            if self.expert_use is not None:
+                self.expert_use.update([m.last_mask for m in moes], mask, batch.get("pixel_values"))
         else:
             self.macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
 

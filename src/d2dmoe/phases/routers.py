@@ -1,12 +1,14 @@
-"""`routers`: train one router per MoE layer to regress each expert's output norm; base frozen."""
+"""`routers`: train one router per MoE layer, base frozen. D2DMoE's regression router learns each
+expert's output norm (MSE); MoEfication's router learns each expert's share of the activations (BCE)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
-from ..moe import AllExperts, moe_layers, set_gate
+from ..moe import AllExperts, MoE, moe_layers, set_gate
 from ..sparsity import masked_token_mean
 
 
@@ -26,6 +28,25 @@ def capture_moe_io(model: torch.nn.Module):
             h.remove()
 
 
+def regression_loss(moe: MoE, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per token [B, T]: MSE over experts between the router and the expert output norms
+    ||W2_e act(W1_e x + b1_e)||_2, which come from the activations the forward already computed."""
+    return (moe.router(x) - moe.hidden_norms(h)).pow(2).mean(-1)
+
+
+def moefication_target(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each expert's summed activation magnitude (for ReLU: its summed activations), divided by the
+    largest such sum over the batch's real tokens and experts: [B, T, E, s] -> [B, T, E] in [0, 1]."""
+    sums = h.abs().sum(-1)  # [B, T, E]
+    return sums / sums[mask.bool()].max().clamp_min(1e-12)
+
+
+def moefication_loss(moe: MoE, x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per token [B, T]: binary cross-entropy over experts between sigmoid(router logits) and the target."""
+    target = moefication_target(h, mask)
+    return F.binary_cross_entropy_with_logits(moe.router.logits(x), target, reduction="none").mean(-1)
+
+
 class RouterTraining(L.LightningModule):
     def __init__(self, model: torch.nn.Module, adapter, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__()
@@ -43,26 +64,27 @@ class RouterTraining(L.LightningModule):
         return self
 
     def router_loss(self, batch: dict) -> torch.Tensor:
-        """MSE between router outputs and expert norms, mean over real tokens and experts, then layers."""
+        """Each router's loss, mean over real tokens and experts, then over layers."""
         with capture_moe_io(self.model) as captured, torch.no_grad():
             self.adapter.forward(self.model, batch)
         mask = self.adapter.token_mask(batch)
         losses = []
-        for moe, x, h in captured:
-            # the forward already computed every expert's activations: reuse them for the targets
-            target = moe.hidden_norms(h)  # [B, T, E]
-            err = (moe.router(x) - target).pow(2).mean(-1)  # [B, T]
-            losses.append(masked_token_mean(err, mask))
+        for moe, x, h in captured:  # the forward already computed every expert's activations h
+            if moe.router.kind == "regression":
+                per_token = regression_loss(moe, x, h)
+            else:
+                per_token = moefication_loss(moe, x, h, mask)
+            losses.append(masked_token_mean(per_token, mask))
         return torch.stack(losses).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.router_loss(batch)
-        self.log("router/train_mse", loss, prog_bar=True)
+        self.log("router/train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         batch_size = len(self.adapter.token_mask(batch))
-        self.log("router/val_mse", self.router_loss(batch), prog_bar=True, batch_size=batch_size)
+        self.log("router/val_loss", self.router_loss(batch), prog_bar=True, batch_size=batch_size)
 
     def configure_optimizers(self):
         params = [p for m in moe_layers(self.model) for p in m.router.parameters()]

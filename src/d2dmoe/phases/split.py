@@ -22,27 +22,29 @@ def balanced_clusters(w1: torch.Tensor, num_experts: int, seed: int = 0, n_init:
     return [torch.nonzero(labels == e).flatten() for e in range(num_experts)]
 
 
-def replace_ffns(adapter, model: torch.nn.Module, num_experts: int, router_hidden: int,
+def replace_ffns(adapter, model: torch.nn.Module, num_experts: int, router_hidden: int, router_kind: str,
                  assign: Callable[[FFN], list[torch.Tensor]]) -> torch.nn.Module:
     """Replace every FFN of the model, in place, by an MoE whose experts `assign(ffn)` gives,
     each with a fresh (untrained) router."""
     for parent, attr in adapter.ffn_slots(model):
         ffn: FFN = getattr(parent, attr)
         experts = assign(ffn)
-        router = Router(ffn.w1.in_features, num_experts, router_hidden)
+        router = Router(ffn.w1.in_features, num_experts, router_hidden, router_kind)
         setattr(parent, attr, MoE.from_ffn(ffn, experts, router))
     return model
 
 
 def split_model(adapter, model: torch.nn.Module, num_experts: int, router_hidden: int,
-                seed: int = 0, n_init: int = 3) -> torch.nn.Module:
-    """The split phase: experts by balanced k-means on each FFN's W1."""
+                router_kind: str = "regression", seed: int = 0, n_init: int = 3) -> torch.nn.Module:
+    """The split phase: experts by balanced k-means on each FFN's W1. The routers' kind changes no
+    parameter shape, so one split serves both kinds."""
     torch.manual_seed(seed)
-    return replace_ffns(adapter, model, num_experts, router_hidden,
+    return replace_ffns(adapter, model, num_experts, router_hidden, router_kind,
                         lambda ffn: balanced_clusters(ffn.w1.weight, num_experts, seed, n_init))
 
 
-def moe_skeleton(adapter, model: torch.nn.Module, num_experts: int, router_hidden: int) -> torch.nn.Module:
+def moe_skeleton(adapter, model: torch.nn.Module, num_experts: int, router_hidden: int,
+                 router_kind: str = "regression") -> torch.nn.Module:
     """MoE layers of the right shapes with a trivial expert assignment, for loading saved weights."""
-    return replace_ffns(adapter, model, num_experts, router_hidden,
+    return replace_ffns(adapter, model, num_experts, router_hidden, router_kind,
                         lambda ffn: list(torch.arange(ffn.w1.out_features).chunk(num_experts)))

@@ -1,0 +1,155 @@
+"""Figure scripts on small synthetic result directories: they write their PNG and PDF, compare curves
+as stated, and name the missing runs when their inputs are incomplete."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from d2dmoe.figures import MissingRuns, frontier, load_runs, select, value_at
+from d2dmoe.results import write_points
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+LAYERS, EXPERTS = 2, 8
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def point(setting: dict, rule: str, x, cost: float, value: float) -> dict:
+    return {"model": "tiny", "data": "toy", "method": "d2dmoe", "router": "regression", "alpha": 0.01,
+            "activation": "relu", "num_experts": EXPERTS, "expert_size": 4, "metric": "accuracy", **setting,
+            "rule": rule, "tau": x if rule == "dynk" else None, "k": x if rule == "topk" else None,
+            "macs": cost * 100, "rel_cost": cost, "value": value, "experts_per_token": 1.0}
+
+
+def make_run(path: Path, setting: dict, curves: dict[str, list[tuple]], patches: bool = False) -> Path:
+    """curves: rule -> [(tau or k, rel_cost, value)]; writes points.jsonl, stats.json (and patch maps)."""
+    path.mkdir(parents=True)
+    dense = {**point(setting, "dense", None, 1.0, 0.9), "method": "dense", "rule": "dense"}
+    points = [dense] + [point(setting, rule, x, c, v) for rule, curve in curves.items() for x, c, v in curve]
+    write_points(points, path)
+    zero = 0.9 if setting.get("alpha", 0.01) > 0 else 0.5
+    hist = [0] * 50
+    hist[int((1 - zero) * 49)] = 100
+    stats = {"activation": [{"layer": i, "zero_fraction": zero, "zero_fraction_std": 0.05,
+                             "nonzero_fraction_hist": hist} for i in range(LAYERS)],
+             "points": [{"rule": p["rule"], "tau": p["tau"], "k": p["k"],
+                         "layers": [{"layer": i, "experts_per_token": 2.0,
+                                     "experts_hist": [0, 5, 10, 5, 0, 0, 0, 0, 0]} for i in range(LAYERS)],
+                         **({"patch_experts": np.full((2, 2), 3.0).tolist()} if patches else {})}
+                        for p in points[1:]]}
+    (path / "stats.json").write_text(json.dumps(stats))
+    if patches:
+        n = len(points) - 1
+        np.savez_compressed(path / "patch_maps.npz", images=np.random.rand(3, 1, 8, 8),
+                            maps=np.random.rand(n, 3, 2, 2) * 8, taus=np.array([p["tau"] for p in points[1:]]),
+                            ks=np.full(n, -1))
+    return path
+
+
+DYNK = [(0.0, 1.0, 0.9), (0.3, 0.5, 0.88), (1.0, 0.3, 0.7)]
+TOPK = [(8, 1.0, 0.9), (4, 0.6, 0.85), (1, 0.3, 0.5)]
+
+
+def outputs(out: Path, name: str) -> bool:
+    return all((out / f"{name}.{ext}").stat().st_size > 1000 for ext in ("png", "pdf"))
+
+
+def test_frontier_and_interpolation():
+    pts = [{"rel_cost": c, "value": v} for c, v in [(0.2, 0.5), (0.4, 0.8), (0.6, 0.7), (1.0, 0.9)]]
+    costs, values = frontier(pts, "accuracy")
+    assert costs.tolist() == [0.2, 0.4, 1.0] and values.tolist() == [0.5, 0.8, 0.9]  # 0.6 is dominated
+    assert value_at(pts, "accuracy", 0.7) == pytest.approx(0.85)
+    assert np.isnan(value_at(pts, "accuracy", 0.1))
+    assert frontier(pts, "loss")[0].tolist() == [0.2]  # for a loss, lower is better
+
+
+def test_fig_main_compares_d2dmoe_with_moefication(tmp_path):
+    make_run(tmp_path / "sweep" / "0", {}, {"dynk": DYNK})
+    make_run(tmp_path / "sweep" / "1", {"method": "moefication", "router": "moefication", "alpha": 0.0},
+             {"topk": TOPK})
+    script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
+    assert outputs(tmp_path / "out", "fig_main")
+    summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
+    assert summary["shared_range"] == [0.3, 1.0]
+    # at 0.5: D2DMoE 0.88; MoEfication between (0.3, 0.5) and (0.6, 0.85): 0.5 + 0.35 * 2/3
+    assert summary["margin_at"]["0.5"] == pytest.approx(0.88 - (0.5 + 0.35 * 2 / 3))
+    assert summary["min_margin"] >= 0
+
+
+def test_fig_main_names_the_missing_runs(tmp_path):
+    make_run(tmp_path / "sweep" / "0", {}, {"dynk": DYNK})
+    with pytest.raises(SystemExit) as err:
+        script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
+    message = str(err.value.code)
+    assert "missing runs: MoEfication (model=tiny, data=toy, method=moefication, rule=topk)" in message
+    assert "python run.py -m experiment=fig_main" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_fig_motivation(tmp_path):
+    for i, alpha in enumerate((0.0, 0.003, 0.01, 0.03)):
+        make_run(tmp_path / "sweep" / str(i), {"alpha": alpha}, {"dynk": DYNK, "topk": TOPK})
+    script("fig_motivation").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path)])
+    assert outputs(tmp_path, "fig_motivation")
+    (tmp_path / "sweep" / "3" / "points.jsonl").unlink()
+    with pytest.raises(SystemExit, match=r"alpha=0.03 \(alpha=0.03, rule=dynk\)"):
+        script("fig_motivation").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path)])
+
+
+def test_fig_expert_use(tmp_path):
+    for i, alpha in enumerate((0.0, 0.01)):
+        make_run(tmp_path / "sweep" / str(i), {"alpha": alpha}, {"dynk": DYNK})
+    script("fig_expert_use").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path), "--tau", "0.3"])
+    assert outputs(tmp_path, "fig_expert_use")
+    with pytest.raises(SystemExit, match=r"has no tau=0.4"):
+        script("fig_expert_use").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path), "--tau", "0.4"])
+
+
+def test_fig_patch_map(tmp_path):
+    make_run(tmp_path / "sweep" / "0", {}, {"dynk": DYNK}, patches=True)
+    script("fig_patch_map").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path), "--tau", "0.3"])
+    assert outputs(tmp_path, "fig_patch_map")
+    (tmp_path / "sweep" / "0" / "patch_maps.npz").unlink()
+    with pytest.raises(SystemExit, match="no patch_maps.npz"):
+        script("fig_patch_map").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path)])
+
+
+ABLATION_RUNS = {
+    "phases": [{"alpha": 0.0, "router": "moefication", "rule": "topk"},
+               {"alpha": 0.01, "router": "moefication", "rule": "topk"},
+               {"alpha": 0.01, "router": "regression", "rule": "topk"},
+               {"alpha": 0.01, "router": "regression", "rule": "dynk"}],
+    "alpha": [{"alpha": a, "rule": "dynk"} for a in (0.0, 0.003, 0.01, 0.03)],
+    "expert_size": [{"num_experts": e, "rule": "dynk"} for e in (32, 64, 128, 256)],
+    "activation": [{"activation": a, "rule": "dynk"} for a in ("relu", "keep")],
+}
+
+
+@pytest.mark.parametrize("ablation", sorted(ABLATION_RUNS))
+def test_fig_ablations(ablation, tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, want in enumerate(ABLATION_RUNS[ablation]):
+        setting = {k: v for k, v in want.items() if k != "rule"}
+        make_run(sweep / str(i), setting, {want["rule"]: DYNK if want["rule"] == "dynk" else TOPK})
+    fig = script("fig_ablations")
+    fig.main([ablation, "--results", str(sweep), "--out", str(tmp_path)])
+    assert outputs(tmp_path, f"fig_ablation_{ablation}")
+    (sweep / "0" / "points.jsonl").unlink()
+    with pytest.raises(SystemExit, match=f"fig_ablation_{ablation}: missing runs"):
+        fig.main([ablation, "--results", str(sweep), "--out", str(tmp_path)])
+
+
+def test_select_needs_stats_when_asked(tmp_path):
+    run = make_run(tmp_path / "0", {}, {"dynk": DYNK})
+    (run / "stats.json").unlink()
+    runs = load_runs(tmp_path)
+    assert select(runs, {"a": {"rule": "dynk"}}, "fig", "cmd")["a"].dir == run
+    with pytest.raises(MissingRuns, match="fig: missing runs: a"):
+        select(runs, {"a": {"rule": "dynk"}}, "fig", "cmd", stats=True)
