@@ -1,8 +1,9 @@
 """Benchmark: wall-clock time against counted MACs, on this machine's CPU threads.
 
 1. One MoE layer (gather execution: only the chosen experts run) against the dense MLP of the same
-   shape, at MiniLM (d=384, d_ff=1536) and BERT-base (d=768, d_ff=3072) sizes, on 32 sequences of
-   128 tokens, each token running exactly round(fraction * E) random experts.
+   shape, at MiniLM (d=384, d_ff=1536) and BERT-base (d=768, d_ff=3072) sizes, each with 128 experts
+   (the defaults' 12 and 24 neurons) and 32 experts (48 and 96 neurons), on 32 sequences of 128
+   tokens, each token running exactly round(fraction * E) random experts; inference (no autograd).
 2. The converted built-in default at each tau against its dense model, over the test split, in one
    run (the artifacts are reused, or trained first).
 Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
@@ -23,7 +24,8 @@ from torch import nn
 from d2dmoe.moe import FFN, MoE, Router
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
-SIZES = {"minilm": (384, 1536, 128), "bert_base": (768, 3072, 128)}  # d, d_ff, experts (12 / 24 neurons)
+SIZES = {"minilm": (384, 1536), "bert_base": (768, 3072)}  # d, d_ff
+EXPERTS = (128, 32)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -38,22 +40,24 @@ def median_ms(fn, repeats: int) -> float:
 
 def layer_rows(repeats: int) -> list[dict]:
     rows = []
-    for name, (d, d_ff, E) in SIZES.items():
+    for (name, (d, d_ff)), E in ((size, E) for size in SIZES.items() for E in EXPERTS):
         torch.manual_seed(0)
         ffn = FFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), nn.ReLU())
         moe = MoE.from_ffn(ffn, list(torch.arange(d_ff).chunk(E)), Router(d, E))
         moe.impl = "gather"
         x = torch.randn(32, 128, d)  # [B, T, d]
-        dense_ms = median_ms(lambda: ffn(x), repeats)
+        with torch.inference_mode():
+            dense_ms = median_ms(lambda: ffn(x), repeats)
         for fraction in FRACTIONS:
             k = max(1, round(fraction * E))
             chosen = torch.rand(32, 128, E).topk(k, dim=-1).indices
             mask = torch.zeros(32, 128, E, dtype=torch.bool).scatter_(-1, chosen, True)
             moe.gate = lambda scores, m=mask: m  # exactly k random experts per token
-            moe_ms = median_ms(lambda: moe(x), repeats)
+            with torch.inference_mode():
+                moe_ms = median_ms(lambda: moe(x), repeats)
             router = d * 128 + 128 * E
             flop_ratio = (router + k * 2 * d * (d_ff // E)) / (2 * d * d_ff)
-            rows.append({"size": name, "fraction": k / E, "moe_ms": round(moe_ms, 2),
+            rows.append({"size": name, "experts": E, "expert_size": d_ff // E, "fraction": k / E, "moe_ms": round(moe_ms, 2),
                          "dense_ms": round(dense_ms, 2), "flop_ratio": round(flop_ratio, 4),
                          "time_ratio": round(moe_ms / dense_ms, 4)})
     return rows

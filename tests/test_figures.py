@@ -153,3 +153,14 @@ def test_select_needs_stats_when_asked(tmp_path):
     assert select(runs, {"a": {"rule": "dynk"}}, "fig", "cmd")["a"].dir == run
     with pytest.raises(MissingRuns, match="fig: missing runs: a"):
         select(runs, {"a": {"rule": "dynk"}}, "fig", "cmd", stats=True)
+
+
+def test_fig_wallclock(tmp_path):
+    rows = [{"size": "minilm", "experts": 128, "expert_size": 12, "fraction": f, "moe_ms": 1.0, "dense_ms": 2.0,
+             "flop_ratio": f, "time_ratio": 2 * f} for f in (0.1, 0.5, 1.0)]
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"threads": 2, "device": "cpu", "repeats": 3, "layer": rows}))
+    script("fig_wallclock").main(["--input", str(bench), "--out", str(tmp_path)])
+    assert outputs(tmp_path, "fig_wallclock")
+    with pytest.raises(SystemExit, match="bench_wallclock.py"):
+        script("fig_wallclock").main(["--input", str(tmp_path / "none.json"), "--out", str(tmp_path)])
