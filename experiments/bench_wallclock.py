@@ -9,6 +9,8 @@
 Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
 
     python experiments/bench_wallclock.py [hydra overrides for part 2] [--repeats 5] [--layer-only]
+
+--layer-only measures part 1 and keeps the whole-model rows already in the output file.
 """
 from __future__ import annotations
 
@@ -124,11 +126,14 @@ def main() -> None:
               "layer": layer_rows(args.repeats)}
     print(f"One layer, 32 x 128 tokens, {result['threads']} threads, gather execution, medians:\n"
           f"{show(result['layer'])}\n", flush=True)
+    out = Path(args.out)
     if not args.layer_only:
         result["model_overrides"] = args.overrides
         result["model"] = model_rows(args.overrides, args.repeats)
         print(f"Whole converted model on the test split:\n{show(result['model'])}\n")
-    out = Path(args.out)
+    elif out.exists():  # keep the earlier whole-model rows
+        earlier = json.loads(out.read_text())
+        result.update({k: earlier[k] for k in ("model_overrides", "model") if k in earlier})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 

@@ -121,7 +121,6 @@ class MoE(nn.Module):
         self.gate = AllExperts()
         self.impl = "masked"
         self.last_mask: torch.Tensor | None = None  # [B, T, E] of the last forward, for cost counting
-        self.buffers_: dict[str, torch.Tensor] = {}  # gather execution's scratch space, reused across calls
 
     @classmethod
     def from_ffn(cls, ffn: FFN, experts: list[torch.Tensor], router: Router) -> "MoE":
@@ -169,9 +168,9 @@ class MoE(nn.Module):
         """The same without autograd, into reused buffers: on CPU, fresh multi-megabyte tensors on
         every call cost more in page faults than the experts' matmuls (about 2x the time, measured)."""
         P = len(token)
-        xs = torch.index_select(flat, 0, token, out=self.buffer("xs", (P, self.d), flat))  # [P, d]
-        h = self.buffer("h", (P, self.expert_size), flat)  # [P, s]
-        up = self.buffer("up", (P, self.expert_size), flat) if self.up is not None else None
+        xs = torch.index_select(flat, 0, token, out=scratch("xs", (P, self.d), flat))  # [P, d]
+        h = scratch("h", (P, self.expert_size), flat)  # [P, s]
+        up = scratch("up", (P, self.expert_size), flat) if self.up is not None else None
         start = 0
         for e, n in enumerate(counts):
             if n:
@@ -181,21 +180,13 @@ class MoE(nn.Module):
                     torch.mm(xs[rows], self.up[e].T, out=up[rows])
                 start += n
         h = self.act(h) if up is None else self.act(h) * up
-        y = self.buffer("y", (P, self.d), flat)  # [P, d]
+        y = scratch("y", (P, self.d), flat)  # [P, d]
         start = 0
         for e, n in enumerate(counts):
             if n:
                 torch.mm(h[start:start + n], self.w2[e].T, out=y[start:start + n])
                 start += n
         return (flat.new_zeros(flat.shape) + self.b2).index_add_(0, token, y)  # [N, d]
-
-    def buffer(self, name: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """A reused scratch tensor of `shape` (grown when too small; not part of the state dict)."""
-        size = shape[0] * shape[1]
-        buf = self.buffers_.get(name)
-        if buf is None or buf.numel() < size or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.buffers_[name] = like.new_empty(max(size, 1))
-        return buf[:size].view(shape)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on its tokens: [n, d] -> [n, d]."""
@@ -217,6 +208,27 @@ class MoE(nn.Module):
         gram = torch.einsum("eds,edt->est", self.w2, self.w2)  # [E, s, s]
         hg = torch.einsum("...es,est->...et", h, gram)  # [..., E, s]
         return (hg * h).sum(-1).clamp_min(0).sqrt()
+
+
+# Inference gather's scratch tensors, shared by every MoE layer (layers run one after another, and
+# each layer's result is a fresh tensor), so memory holds one layer's pairs, not one per layer.
+SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def scratch(name: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """A reused tensor of `shape` with `like`'s dtype and device, grown when too small."""
+    size = shape[0] * shape[1]
+    key = (name, like.device, like.dtype)
+    buf = SCRATCH.get(key)
+    if buf is None or buf.numel() < size:
+        SCRATCH.pop(key, None)  # free the old one before allocating the larger
+        buf = SCRATCH[key] = like.new_empty(max(size, 1))
+    return buf[:size].view(shape)
+
+
+def free_scratch() -> None:
+    """Release the gather scratch space (e.g. after an evaluation)."""
+    SCRATCH.clear()
 
 
 def bias(linear: nn.Linear, size: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .artifacts import Artifact
 from .models import Dims
-from .moe import AllExperts, DynamicKGate, TopKGate, set_gate, set_impl
+from .moe import AllExperts, DynamicKGate, TopKGate, free_scratch, set_gate, set_impl
 from .phases.evaluate import Evaluation
 from .phases.finetune import TaskTraining
 from .phases.routers import RouterTraining
@@ -203,6 +203,7 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
             results.patch_images = use.pixels
             results.patch_maps.append(use.maps)
         log.info("%s: %s %.4f rel_cost %.4f", gate, common["metric"], ev.value, ev.macs / ev.dense_macs)
+    free_scratch()  # the gather's scratch space is only needed while evaluating
     return results
 
 
