@@ -3,14 +3,13 @@ points.jsonl and stats.json), picking the runs a figure needs (or naming the mis
 comparing accuracy-cost curves, and saving PNG + PDF."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .results import read_points
+from .results import read_points, read_stats
 
 COST_LABEL = "relative cost (MACs per sample / dense MACs)"
 TAU_NOTE = "dynamic-k: expert e runs iff $r_e \\geq \\tau \\max_j r_j$"
@@ -49,8 +48,8 @@ def load_runs(*dirs: str | Path) -> list[Run]:
     runs = []
     for d in map(Path, dirs):
         for points in sorted([d / "points.jsonl"] if (d / "points.jsonl").exists() else d.glob("*/points.jsonl")):
-            stats = points.with_name("stats.json")
-            runs.append(Run(points.parent, read_points(points), json.loads(stats.read_text()) if stats.exists() else None))
+            has_stats = points.with_name("stats.json").exists()
+            runs.append(Run(points.parent, read_points(points), read_stats(points.parent) if has_stats else None))
     return runs
 
 

@@ -1,10 +1,10 @@
 """`evaluate`: the task's metric and mean MACs per sample of one model at one expert-selection rule."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import lightning as L
 import torch
-
-from contextlib import nullcontext
 
 from ..cost import dense_macs, executed_pairs, moe_model_macs
 from ..moe import moe_layers
