@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from d2dmoe.cli import run_job
+from d2dmoe.cli import run_job, sweep_failures
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -22,3 +23,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()
+    sys.exit(1 if sweep_failures else 0)  # a sweep with failed jobs (listed above) fails as a whole

@@ -4,6 +4,7 @@
     python experiments/fig_ablations.py alpha        # base sparsity
     python experiments/fig_ablations.py expert_size  # neurons per expert
     python experiments/fig_ablations.py activation   # ReLU swap vs the model's own GELU
+    python experiments/fig_ablations.py attention    # FFNs only vs FFNs and attention projections
 
 Each reads results/fig_ablation_<name> (make it with `python run.py -m experiment=fig_ablation_<name>`)
 and writes figures/fig_ablation_<name>.png and .pdf.
@@ -13,7 +14,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from d2dmoe.figures import COST_LABEL, TAU_NOTE, MissingRuns, load_runs, metric_label, pyplot, save, select
+from d2dmoe.figures import (
+    COST_LABEL,
+    TAU_NOTE,
+    MissingRuns,
+    load_runs,
+    metric_label,
+    pyplot,
+    save,
+    select,
+)
+from d2dmoe.results import TOLERANCE, cheapest_within
+from d2dmoe.results import label as label_of
 
 DEFAULT_ALPHA = 0.01
 ABLATIONS = {
@@ -30,6 +42,9 @@ ABLATIONS = {
     "activation": ("ReLU swap vs keeping the model's activation", {
         "ReLU swap (D2DMoE)": {"activation": "relu", "rule": "dynk"},
         "activation kept (GELU)": {"activation": "keep", "rule": "dynk"}}),
+    "attention": ("attention projections as MoE layers too", {
+        "FFNs only": {"attention": False, "rule": "dynk"},
+        "FFNs + attention projections": {"attention": True, "rule": "dynk"}}),
 }
 
 
@@ -52,6 +67,9 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, run in runs.items():
         curve = run.curve(wanted[label]["rule"])
+        best = cheapest_within([run.dense, *curve])
+        print(f"{label}: lowest rel_cost within {TOLERANCE[run.dense['metric']]:g} of dense: "
+              + (f"{best['rel_cost']:.3f} ({label_of(best)}, {best['value']:.4f})" if best else "none"))
         if args.ablation == "expert_size":
             label += f" of {run.setting['expert_size']}"
         ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], "o-", ms=3, label=label)

@@ -3,6 +3,7 @@ one panel per model and dataset. Also reports D2DMoE's margin over MoEfication a
 cost range (Pareto frontiers, linearly interpolated) and at rel_cost 0.5 and 0.75.
 
     python run.py -m experiment=fig_main && python experiments/fig_main.py
+    python run.py -m experiment=fig_main_vit     # adds the ViT panel (fig_main_gpt2: the GPT-2 panel)
     python experiments/fig_main.py --results results/fig_main results/other_family --out figures
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from d2dmoe.figures import COST_LABEL, TAU_NOTE, MissingRuns, load_runs, metric_label, pyplot, save, select, value_at
 
 COMMAND = "python run.py -m experiment=fig_main"
+SWEEPS = ("results/fig_main", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel for each one run
 CHECK_AT = (0.5, 0.75)
 
 
@@ -36,7 +38,7 @@ def compare(d2dmoe: list[dict], moefication: list[dict], metric: str, grid: int 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", nargs="+", default=["results/fig_main"], help="sweep directories")
+    parser.add_argument("--results", nargs="+", default=list(SWEEPS), help="sweep directories (one per family)")
     parser.add_argument("--out", default="figures")
     args = parser.parse_args(argv)
 

@@ -129,11 +129,12 @@ ABLATION_RUNS = {
     "alpha": [{"alpha": a, "rule": "dynk"} for a in (0.0, 0.003, 0.01, 0.03)],
     "expert_size": [{"num_experts": e, "rule": "dynk"} for e in (32, 64, 128, 256)],
     "activation": [{"activation": a, "rule": "dynk"} for a in ("relu", "keep")],
+    "attention": [{"attention": a, "rule": "dynk"} for a in (False, True)],
 }
 
 
 @pytest.mark.parametrize("ablation", sorted(ABLATION_RUNS))
-def test_fig_ablations(ablation, tmp_path):
+def test_fig_ablations(ablation, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     for i, want in enumerate(ABLATION_RUNS[ablation]):
         setting = {k: v for k, v in want.items() if k != "rule"}
@@ -141,6 +142,8 @@ def test_fig_ablations(ablation, tmp_path):
     fig = script("fig_ablations")
     fig.main([ablation, "--results", str(sweep), "--out", str(tmp_path)])
     assert outputs(tmp_path, f"fig_ablation_{ablation}")
+    # dense 0.9: within 1 point only tau 0 (rel_cost 1.0), for every run
+    assert capsys.readouterr().out.count("within 0.01 of dense: 1.000 (") == len(ABLATION_RUNS[ablation])
     (sweep / "0" / "points.jsonl").unlink()
     with pytest.raises(SystemExit, match=f"fig_ablation_{ablation}: missing runs"):
         fig.main([ablation, "--results", str(sweep), "--out", str(tmp_path)])

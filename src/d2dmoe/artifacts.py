@@ -1,6 +1,8 @@
 """Where a phase's output lives: `<root>/<phase>-<hash>/`, the hash taken over exactly the config
 the phase depends on (its own settings plus its upstream phase's key). Writes are atomic: the
 directory is filled under a temporary name and renamed into place, so a reader never sees half of it.
+Jobs that need the same missing artifact at once (a joblib or SLURM sweep) take turns through a lock
+file: one makes it, the others wait and load it.
 """
 from __future__ import annotations
 
@@ -10,8 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
+import logging
+from collections.abc import Callable
+
 import torch
+from filelock import FileLock
 from safetensors.torch import load_model, save_model
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
@@ -58,3 +66,23 @@ class Artifact:
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
         load_model(model, str(self.dir / WEIGHTS))
         return model
+
+    def obtain(self, load: Callable[[], torch.nn.Module],
+               make: Callable[[], tuple[torch.nn.Module, dict]]) -> torch.nn.Module:
+        """`load()` if the artifact exists; otherwise, holding its lock, `make()` -> (model, info), saved.
+        A job that finds the lock taken waits, then loads what the holder saved. Locks are taken
+        downstream first (routers, then split, ...), always in that order: no deadlock."""
+        if self.exists():
+            log.info("reusing %s", self.dir)
+            return load()
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.dir.with_name(f".{self.key}.lock"))
+        if lock.is_locked:
+            log.info("waiting for %s: another job is making it", self.dir)
+        with lock:
+            if self.exists():  # made by the job we waited for
+                log.info("reusing %s", self.dir)
+                return load()
+            model, info = make()
+            self.save(model, info)
+            return model

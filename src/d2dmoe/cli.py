@@ -1,16 +1,23 @@
-"""One Hydra job: checks, W&B run, pipeline, results files, printed table."""
+"""One Hydra job: checks, W&B run, pipeline, results files, printed table. In a sweep a failing job
+leaves `failed.txt` (the error and its traceback) in its directory instead of stopping the sweep,
+and `SweepReport` lists the failed jobs when the sweep ends."""
 from __future__ import annotations
 
 import logging
 import os
+import time
+import traceback
 import warnings
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .validate import check_config
 
 log = logging.getLogger(__name__)
+FAILED = "failed.txt"
+sweep_failures: list[str] = []  # the last sweep's failed jobs, for run.py's exit status
 
 
 def wandb_group(cfg: DictConfig) -> str:
@@ -37,9 +44,25 @@ def start_wandb(cfg: DictConfig, out_dir: Path):
                       config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def run_job(cfg: DictConfig) -> list[dict]:
+def run_job(cfg: DictConfig) -> list[dict] | None:
+    """One job. A single run raises its errors; a sweep's job records them (FAILED) and returns None,
+    so that the other jobs run and keep their results."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    (out_dir / FAILED).unlink(missing_ok=True)  # from an earlier attempt of this job
+    try:
+        return convert_and_report(cfg, out_dir)
+    except Exception as err:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        (out_dir / FAILED).write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        log.error("job failed (%s): %s: %s", out_dir, type(err).__name__, err)
+        return None
+
+
+def convert_and_report(cfg: DictConfig, out_dir: Path) -> list[dict]:
     from . import pipeline
     from .results import log_wandb, plot_pareto, table, write_points, write_stats
 
@@ -50,7 +73,6 @@ def run_job(cfg: DictConfig) -> list[dict]:
     # tokenised data collate in microseconds: worker processes would only add start-up time
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the routers phase freezes the base
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     run = start_wandb(cfg, out_dir) if cfg.logger.enabled else None
     try:
         results = pipeline.run(cfg, run)
@@ -65,3 +87,27 @@ def run_job(cfg: DictConfig) -> list[dict]:
     finally:
         if run is not None:
             run.finish()
+
+
+class SweepReport(Callback):
+    """At the end of a sweep, print which jobs failed and why (each job's FAILED file, whatever the
+    launcher: local, joblib or SLURM jobs all write into the sweep directory)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        started = getattr(self, "started", 0.0)
+        failed = sorted(p for p in sweep.rglob(FAILED) if p.stat().st_mtime >= started)
+        sweep_failures[:] = [str(p.parent) for p in failed]
+        if not failed:
+            return
+        lines = [f"{len(failed)} job(s) of the sweep in {sweep} failed:"]
+        for path in failed:
+            overrides = path.parent / ".hydra" / "overrides.yaml"
+            what = " ".join(line.lstrip("- ").strip() for line in overrides.read_text().splitlines()) \
+                if overrides.exists() else ""
+            lines.append(f"  {path.parent.name} [{what}]: {path.read_text().splitlines()[0]}")
+        lines.append(f"(tracebacks in each job's {FAILED}; the other jobs' results are complete)")
+        print("\n".join(lines), flush=True)

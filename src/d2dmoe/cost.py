@@ -2,14 +2,15 @@
 
 cost = fixed(T) + sum over MoE layers of (T * router_macs + pairs_l * expert_macs),
 where pairs_l counts the (token, expert) pairs that ran in layer l, read from the gate masks.
-The dense model costs fixed(T) + T * 2 d d_ff per FFN (3 d d_ff when gated).
+The dense model costs fixed(T) + T * 2 d d_ff per FFN (3 d d_ff when gated). When the attention
+projections are MoE layers too (attention.convert), their dense cost leaves fixed(T).
 """
 from __future__ import annotations
 
 import torch
 
 from .models import Dims
-from .moe import MoE
+from .moe import MoE, moe_layers
 
 
 def dense_ffn_macs(tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
@@ -42,6 +43,8 @@ def moe_model_macs(adapter, model, attention_mask: torch.Tensor, dims: Dims) -> 
     """MACs per sample of the last forward of an MoE model: [B]."""
     tokens = attention_mask.sum(-1)
     total = adapter.fixed_macs(tokens, dims)
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+    if moe_layers(model, "attention"):  # the projections ran as MoE layers, counted below
+        total = total - adapter.projection_macs(tokens, dims)
+    for moe in moe_layers(model):
         total = total + tokens.double() * router_macs(moe) + executed_pairs(moe, attention_mask) * expert_macs(moe)
     return total

@@ -13,7 +13,8 @@ from .results import read_points, read_stats
 
 COST_LABEL = "relative cost (MACs per sample / dense MACs)"
 TAU_NOTE = "dynamic-k: expert e runs iff $r_e \\geq \\tau \\max_j r_j$"
-SETTING_KEYS = ("model", "data", "method", "router", "alpha", "activation", "num_experts", "expert_size")
+SETTING_KEYS = ("model", "data", "method", "router", "alpha", "activation", "num_experts", "expert_size",
+                "attention")
 
 
 class MissingRuns(Exception):

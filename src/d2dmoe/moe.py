@@ -10,11 +10,14 @@ from torch import nn
 
 class FFN(nn.Module):
     """The dense FFN, family-independent: x -> w2(act(w1 x)), or x -> w2(act(w1 x) * up(x)) when gated
-    (SwiGLU/GeGLU: w1 is the gate projection). Adapters put one in every block."""
+    (SwiGLU/GeGLU: w1 is the gate projection). Adapters put one in every block; `kind` "attention"
+    marks the two-layer MLPs that replace attention projections (attention.py)."""
 
-    def __init__(self, w1: nn.Linear, w2: nn.Linear, act: nn.Module, up: nn.Linear | None = None):
+    def __init__(self, w1: nn.Linear, w2: nn.Linear, act: nn.Module, up: nn.Linear | None = None,
+                 kind: str = "ffn"):
         super().__init__()
         self.w1, self.act, self.w2, self.up = w1, act, w2, up
+        self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.w1(x))
@@ -106,8 +109,9 @@ class MoE(nn.Module):
     """
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 act: nn.Module, router: Router, up: torch.Tensor | None = None):
+                 act: nn.Module, router: Router, up: torch.Tensor | None = None, kind: str = "ffn"):
         super().__init__()
+        self.kind = kind  # what it was cut from: "ffn" or "attention" (a projection's MLP)
         self.num_experts, self.expert_size, self.d = w1.shape  # w1: [E, s, d]
         self.w1 = nn.Parameter(w1)  # [E, s, d]
         self.b1 = nn.Parameter(b1)  # [E, s]
@@ -132,7 +136,7 @@ class MoE(nn.Module):
         w2 = ffn.w2.weight.detach()[:, order].reshape(-1, E, s).transpose(0, 1)
         up = None if ffn.up is None else ffn.up.weight.detach()[order].reshape(E, s, -1).clone()
         return cls(w1.clone(), b1.clone(), w2.contiguous(), bias(ffn.w2, ffn.w2.out_features).clone(),
-                   ffn.act, router, up)
+                   ffn.act, router, up, ffn.kind)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's activations: [..., d] -> [..., E, s]."""
@@ -235,12 +239,13 @@ def bias(linear: nn.Linear, size: int) -> torch.Tensor:
     return linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(size)
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+def moe_layers(model: nn.Module, kind: str | None = None) -> list[MoE]:
+    """The model's MoE layers in module order, all or those of one kind ("ffn", "attention")."""
+    return [m for m in model.modules() if isinstance(m, MoE) and kind in (None, m.kind)]
 
 
-def ffn_layers(model: nn.Module) -> list[FFN]:
-    return [m for m in model.modules() if isinstance(m, FFN)]
+def ffn_layers(model: nn.Module, kind: str | None = None) -> list[FFN]:
+    return [m for m in model.modules() if isinstance(m, FFN) and kind in (None, m.kind)]
 
 
 def set_gate(model: nn.Module, gate) -> None:

@@ -1,4 +1,4 @@
-"""Runs the phases in order: dense -> sparsify -> split -> routers -> evaluate.
+"""Runs the phases in order: dense -> [attention] -> sparsify -> split -> routers -> evaluate.
 The only place that knows the order. Each trained phase is an artifact named by the config it
 depends on, so a run reuses whatever an earlier run with the same upstream config produced."""
 from __future__ import annotations
@@ -13,8 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .artifacts import Artifact
+from .attention import finish_distillation, install_projection_mlps
 from .models import Dims
 from .moe import AllExperts, DynamicKGate, TopKGate, free_scratch, set_gate, set_impl
+from .phases.attention import AttentionDistillation
 from .phases.evaluate import Evaluation
 from .phases.finetune import TaskTraining
 from .phases.routers import RouterTraining
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 # what a phase's data depends on: batch sizes and limits shape training; the cache dir does not
 DATA_KEYS_IGNORED = ("cache_dir", "eval_batch_size")
 EXPERT_KEYS_IGNORED = ("impl",)  # how experts execute changes no weights
+ATTENTION_SPLIT_KEYS = ("convert", "num_experts", "router_hidden")  # not the distillation's settings
 # settings added after artifacts already existed: left out of the hash while they keep the behaviour
 # that came before them, so those artifacts keep their names
 ADDED_WITH_DEFAULT = {"sparsity": {"activation": "relu"}, "router": {"kind": "regression"}}
@@ -46,6 +49,12 @@ def sparse_activation(cfg: DictConfig) -> nn.Module | None:
     return nn.ReLU() if cfg.sparsity.activation == "relu" else None
 
 
+def attention_experts(cfg: DictConfig) -> tuple[int, int] | None:
+    """(experts, router hidden width) of the attention projections' MoE layers; None unless converted."""
+    a = cfg.attention
+    return (int(a.num_experts), int(a.router_hidden)) if a.convert else None
+
+
 @dataclass
 class Context:
     cfg: DictConfig
@@ -55,16 +64,21 @@ class Context:
     wandb_run: object = None  # the job's W&B run; each training phase logs to it under its own prefix
 
     def new_model(self, stage: str) -> nn.Module:
-        """The architecture a phase's weights load into: dense, sparse (FFN activations swapped), or moe."""
+        """The architecture a phase's weights load into: dense, attention (projections as MLPs, when
+        converted), sparse (FFN activations swapped), or moe."""
         model = self.adapter.build(self.dims.num_labels, weights=False)
+        if stage != "dense" and self.cfg.attention.convert:
+            install_projection_mlps(self.adapter, model)
         if stage in ("sparse", "moe"):
             self.adapter.install_ffns(model, sparse_activation(self.cfg))
         if stage == "moe":
             r = self.cfg.routing.router
-            moe_skeleton(self.adapter, model, num_experts(self.cfg, self.dims), r.hidden, r.kind)
+            moe_skeleton(self.adapter, model, num_experts(self.cfg, self.dims), r.hidden, r.kind,
+                         attention_experts(self.cfg))
         return model
 
     def fit(self, module: L.LightningModule, settings: DictConfig, phase: str) -> L.Trainer:
+        module.phase = phase
         logger = False
         if self.wandb_run is not None:
             from lightning.pytorch.loggers import WandbLogger
@@ -100,23 +114,30 @@ def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
     data = {k: v for k, v in plain(cfg.data).items() if k not in DATA_KEYS_IGNORED}
     dense = Artifact(root, "dense", {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense),
                                      "seed": cfg.seed})
-    sparsify = Artifact(root, "sparsify", {"upstream": dense.key, "sparsity": spec_of(cfg.sparsity, "sparsity")})
+    out = {"dense": dense}
+    upstream = dense
+    if cfg.attention.convert:  # without conversion the chain (and every hash) is what it always was
+        training = {k: v for k, v in plain(cfg.attention).items() if k not in ATTENTION_SPLIT_KEYS}
+        upstream = out["attention"] = Artifact(root, "attention", {"upstream": dense.key, "attention": training})
+    out["sparsify"] = Artifact(root, "sparsify", {"upstream": upstream.key,
+                                                  "sparsity": spec_of(cfg.sparsity, "sparsity")})
     experts = {k: v for k, v in plain(cfg.experts).items() if k not in EXPERT_KEYS_IGNORED}
-    split = Artifact(root, "split", {"upstream": sparsify.key, "experts": experts,
-                                     "router_hidden": cfg.routing.router.hidden})
-    routers = Artifact(root, "routers", {"upstream": split.key, "router": spec_of(cfg.routing.router, "router")})
-    return {"dense": dense, "sparsify": sparsify, "split": split, "routers": routers}
+    split_spec = {"upstream": out["sparsify"].key, "experts": experts, "router_hidden": cfg.routing.router.hidden}
+    if cfg.attention.convert:
+        split_spec["attention"] = {k: cfg.attention[k] for k in ATTENTION_SPLIT_KEYS if k != "convert"}
+    out["split"] = Artifact(root, "split", split_spec)
+    out["routers"] = Artifact(root, "routers", {"upstream": out["split"].key,
+                                                "router": spec_of(cfg.routing.router, "router")})
+    return out
 
 
 def obtain(ctx: Context, art: Artifact, stage: str, make) -> nn.Module:
     """The artifact's model if it exists; otherwise `make()` -> (model, info), saved, then returned."""
-    if art.exists():
-        log.info("reusing %s", art.dir)
-        return art.load_into(ctx.new_model(stage))
-    L.seed_everything(ctx.cfg.seed, verbose=False)
-    model, info = make()
-    art.save(model, info)
-    return model
+    def seeded_make():
+        L.seed_everything(ctx.cfg.seed, verbose=False)
+        return make()
+
+    return art.obtain(lambda: art.load_into(ctx.new_model(stage)), seeded_make)
 
 
 def metrics(trainer: L.Trainer) -> dict:
@@ -132,8 +153,17 @@ def train_dense(ctx: Context):
     return model, metrics(trainer)
 
 
-def sparsify(ctx: Context, dense: nn.Module):
-    model = ctx.adapter.install_ffns(copy.deepcopy(dense), sparse_activation(ctx.cfg))  # dense stays the reference
+def distill_attention(ctx: Context, dense: nn.Module):
+    a = ctx.cfg.attention
+    model = install_projection_mlps(ctx.adapter, copy.deepcopy(dense), distill=True, init=a.init)  # dense stays
+    trainer = ctx.fit(AttentionDistillation(model, ctx.adapter, a.lr, a.weight_decay, a.warmup_fraction), a,
+                      "attention")
+    return finish_distillation(ctx.adapter, model), metrics(trainer)
+
+
+def sparsify(ctx: Context, base: nn.Module):
+    """base: the dense model, or its attention-converted form."""
+    model = ctx.adapter.install_ffns(copy.deepcopy(base), sparse_activation(ctx.cfg))  # base stays as it is
     s = ctx.cfg.sparsity
     module = TaskTraining(model, ctx.adapter, s.lr, s.weight_decay, s.warmup_fraction, s.penalty, s.alpha,
                           s.schedule)
@@ -144,7 +174,7 @@ def sparsify(ctx: Context, dense: nn.Module):
 def split(ctx: Context, sparse: nn.Module):
     e, r = ctx.cfg.experts, ctx.cfg.routing.router
     model = split_model(ctx.adapter, sparse, num_experts(ctx.cfg, ctx.dims), r.hidden, r.kind,
-                        seed=e.seed, n_init=e.kmeans_n_init)
+                        seed=e.seed, n_init=e.kmeans_n_init, attention=attention_experts(ctx.cfg))
     return model, {}
 
 
@@ -179,11 +209,11 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
               "penalty": cfg.sparsity.penalty, "activation": cfg.sparsity.activation,
               "router": cfg.routing.router.kind, "num_experts": num_experts(cfg, ctx.dims),
               "expert_size": ctx.dims.d_ff // num_experts(cfg, ctx.dims),
-              "metric": ctx.adapter.task.metric, "split": "test"}
+              "attention": bool(cfg.attention.convert), "metric": ctx.adapter.task.metric, "split": "test"}
     ref = ctx.test(Evaluation(dense.eval(), ctx.adapter, ctx.dims))
     points = [{**common, "method": "dense", "rule": "dense", "tau": None, "k": None, "macs": ref.macs,
                "rel_cost": 1.0, "value": ref.value, "experts_per_token": None,
-               **ctx.adapter.task.extra(ref.value)}]
+               "attention_experts_per_token": None, **ctx.adapter.task.extra(ref.value)}]
     # how sparse the converted model's activations are: every expert computed, no gate involved
     set_gate(moe, AllExperts())
     activations = ActivationStats()
@@ -197,7 +227,9 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
         ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, expert_use=use))
         points.append({**common, "method": cfg.method.name, **fields, "macs": ev.macs,
                        "rel_cost": ev.macs / ev.dense_macs, "value": ev.value,
-                       "experts_per_token": ev.experts_per_token, **ctx.adapter.task.extra(ev.value)})
+                       "experts_per_token": ev.experts_per_token,
+                       "attention_experts_per_token": ev.attention_experts_per_token,
+                       **ctx.adapter.task.extra(ev.value)})
         results.stats["points"].append({**fields, **use.result()})
         if use.maps:
             results.patch_images = use.pixels
@@ -213,7 +245,13 @@ def convert(cfg: DictConfig, wandb_run=None) -> tuple[Context, nn.Module, nn.Mod
     ctx = build_context(cfg, wandb_run)
     art = artifacts(cfg)
     dense = obtain(ctx, art["dense"], "dense", lambda: train_dense(ctx))
-    sparse = lambda: obtain(ctx, art["sparsify"], "sparse", lambda: sparsify(ctx, dense))  # noqa: E731
+
+    def base() -> nn.Module:  # what sparsify starts from: the dense model, or its projections distilled into MLPs
+        if "attention" not in art:
+            return dense
+        return obtain(ctx, art["attention"], "attention", lambda: distill_attention(ctx, dense))
+
+    sparse = lambda: obtain(ctx, art["sparsify"], "sparse", lambda: sparsify(ctx, base()))  # noqa: E731
     moe = lambda: obtain(ctx, art["split"], "moe", lambda: split(ctx, sparse()))  # noqa: E731
     routed = obtain(ctx, art["routers"], "moe", lambda: train_routers(ctx, moe()))
     return ctx, dense, routed

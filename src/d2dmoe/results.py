@@ -22,8 +22,8 @@ TOLERANCE = {"accuracy": 0.01, "loss": 0.02}  # absolute accuracy; relative loss
 
 POINT_KEYS = ("model", "data", "method", "rule", "tau", "k", "alpha", "num_experts", "macs", "rel_cost",
               "metric", "value")
-TABLE_KEYS = ("method", "rule", "tau", "k", "alpha", "num_experts", "experts_per_token", "macs", "rel_cost",
-              "value")
+TABLE_KEYS = ("method", "rule", "tau", "k", "alpha", "num_experts", "experts_per_token", "attention",
+              "attention_experts_per_token", "macs", "rel_cost", "value")
 
 
 def write_points(points: list[dict], out_dir: Path) -> Path:

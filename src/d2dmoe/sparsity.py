@@ -47,11 +47,12 @@ def alpha_at(alpha: float, schedule: str, step: int, total_steps: int) -> float:
 
 
 @contextmanager
-def capture_activations(model: nn.Module):
-    """Yields a list that fills, on each forward, with the output of every FFN/MoE activation [B, T, F]."""
+def capture_activations(model: nn.Module, kind: str | None = None):
+    """Yields a list that fills, on each forward, with the output of every FFN/MoE activation [B, T, F]
+    (or of those of one kind: "ffn", or "attention" for the MLPs that replaced attention projections)."""
     store: list[torch.Tensor] = []
     handles = [m.act.register_forward_hook(lambda _m, _i, out: store.append(out))
-               for m in model.modules() if isinstance(m, (FFN, MoE))]
+               for m in model.modules() if isinstance(m, (FFN, MoE)) and kind in (None, m.kind)]
     try:
         yield store
     finally:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from .attention import INITS, projection_hidden
 from .models import ADAPTERS, Dims
 from .moe import IMPLS, ROUTER_KINDS
 from .sparsity import PENALTIES
@@ -41,6 +42,16 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"experts.{key}", f"must be >= 1, got {e[key]}")
     if e.get("impl", "masked") not in IMPLS:
         raise ConfigError("experts.impl", f"unknown execution {e.impl!r}; allowed: {list(IMPLS)}")
+    a = cfg.attention
+    if a.convert:
+        if family == "llama":
+            raise ConfigError("attention.convert", "not supported for gated-FFN LLMs (model.family=llama): "
+                                                   "their grouped-query K/V projections are not d -> d")
+        for key in ("num_experts", "router_hidden"):
+            if a[key] < 1:
+                raise ConfigError(f"attention.{key}", f"must be >= 1, got {a[key]}")
+        if a.init not in INITS:
+            raise ConfigError("attention.init", f"unknown init {a.init!r}; allowed: {list(INITS)}")
     r = cfg.routing
     if r.router.kind not in ROUTER_KINDS:
         raise ConfigError("routing.router.kind", f"unknown router {r.router.kind!r}; allowed: {list(ROUTER_KINDS)}")
@@ -74,6 +85,10 @@ def check_model(cfg: DictConfig, dims: Dims) -> None:
     if e.expert_size is not None and dims.d_ff % e.expert_size:
         raise ConfigError("experts.expert_size",
                           f"{e.expert_size} does not divide the FFN width {dims.d_ff} of model {cfg.model.name}")
+    if cfg.attention.convert and projection_hidden(dims.d) % cfg.attention.num_experts:
+        raise ConfigError("attention.num_experts",
+                          f"{cfg.attention.num_experts} does not divide the projection MLPs' width "
+                          f"{projection_hidden(dims.d)} (round((d^2 + d) / (2d + 1)), d={dims.d}) of model {cfg.model.name}")
     if cfg.routing.rule in ("topk", "both"):
         E = num_experts(cfg, dims)
         for k in cfg.routing.ks:

@@ -32,12 +32,14 @@ class Adapter:
     where = ""  # where the family keeps its blocks, for error messages
 
     def __init__(self, name: str, path: str | None = None, family: str | None = None, pretrained: bool = True,
-                 config: dict | None = None, attn_implementation: str = "sdpa"):
+                 config: dict | None = None, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
         if family is not None and family != self.family:
             raise ValueError(f"model.family={family!r} does not match {type(self).__name__} ({self.family!r})")
         self.name, self.path, self.pretrained = name, path, pretrained
         self.config_overrides = dict(config or {})
         self.attn_implementation = attn_implementation
+        # a hub model's own Python code runs only when its config says so (model.trust_remote_code=true)
+        self.hub_kwargs = {"trust_remote_code": True} if trust_remote_code else {}
 
     # -- to be provided by each family ---------------------------------------------------------
     def find_blocks(self, model: nn.Module) -> list[nn.Module]:
@@ -47,6 +49,15 @@ class Adapter:
         """Replace the block's feed-forward network by an equivalent `FFN` (the model's own
         activation) and return it."""
         raise NotImplementedError
+
+    def projection_slots(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(parent, attribute) of the block's attention projections Q, K, V, O, each a d -> d
+        Linear (or what replaced it); a fused QKV layer is first cut into its parts (attention.Fused)."""
+        raise NotImplementedError(f"the {self.family!r} family does not support attention.convert")
+
+    def projection_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """The part of `fixed_macs` that the attention projections make up ([B] -> [B])."""
+        return dims.layers * 4 * tokens.double() * dims.d**2
 
     # -- shared ----------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> list[nn.Module]:
@@ -64,7 +75,7 @@ class Adapter:
         """Put an `FFN` in each block (blocks that have one keep it). activation=None keeps the
         model's own; otherwise a copy of it goes in every FFN."""
         for block in self.blocks(model):
-            ffn = next((m for m in block.modules() if isinstance(m, FFN)), None)
+            ffn = next((m for m in block.modules() if isinstance(m, FFN) and m.kind == "ffn"), None)
             if ffn is None:
                 ffn = self.make_ffn(block)
             if activation is not None:
@@ -75,7 +86,7 @@ class Adapter:
         """The tokenizer the data is encoded with; None for models that take no text."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path)
+        return AutoTokenizer.from_pretrained(self.path, **self.hub_kwargs)
 
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """The model's logits on a batch: [B, C] for classifiers, [B, T, V] for language models."""

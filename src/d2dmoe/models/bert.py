@@ -17,7 +17,7 @@ class BertAdapter(Adapter):
     def hf_config(self, num_labels: int):
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(self.path, num_labels=num_labels, **self.config_overrides)
+        cfg = AutoConfig.from_pretrained(self.path, num_labels=num_labels, **self.hub_kwargs, **self.config_overrides)
         cfg._attn_implementation = self.attn_implementation
         return cfg
 
@@ -32,7 +32,7 @@ class BertAdapter(Adapter):
         cfg = self.hf_config(num_labels)
         torch.manual_seed(0)  # the fresh head (and a model built from a config) starts the same every time
         if self.pretrained and weights:
-            return AutoModelForSequenceClassification.from_pretrained(self.path, config=cfg)
+            return AutoModelForSequenceClassification.from_pretrained(self.path, config=cfg, **self.hub_kwargs)
         return AutoModelForSequenceClassification.from_config(cfg)
 
     def find_blocks(self, model: nn.Module) -> list[nn.Module]:
@@ -49,6 +49,10 @@ class BertAdapter(Adapter):
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """(parent, attribute) of each block's FFN, for swapping it for an MoE."""
         return [(block, "intermediate") for block in self.blocks(model)]
+
+    def projection_slots(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
+        att = block.attention
+        return [(att.self, "query"), (att.self, "key"), (att.self, "value"), (att.output, "dense")]
 
     def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
         """MACs of everything except the FFNs, per sample with `tokens` real tokens ([B] -> [B]).

@@ -39,7 +39,7 @@ class CausalLMAdapter(Adapter):
             from transformers import AutoTokenizer
 
             kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-            tok = AutoTokenizer.from_pretrained(self.path, **kwargs)
+            tok = AutoTokenizer.from_pretrained(self.path, **kwargs, **self.hub_kwargs)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token  # padding is masked out of the loss and the cost anyway
         self.vocab_size, self.eos_id = len(tok), tok.eos_token_id
@@ -63,7 +63,7 @@ class CausalLMAdapter(Adapter):
             cfg = getattr(transformers, self.config_class)(**overrides)
         else:
             kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-            cfg = AutoConfig.from_pretrained(self.path, **kwargs, **overrides)
+            cfg = AutoConfig.from_pretrained(self.path, **kwargs, **self.hub_kwargs, **overrides)
         cfg._attn_implementation = self.attn_implementation
         return cfg
 
@@ -82,21 +82,28 @@ class CausalLMAdapter(Adapter):
         torch.manual_seed(0)  # a model built from a config starts the same every time
         if self.pretrained and weights:
             kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-            model = AutoModelForCausalLM.from_pretrained(self.path, config=cfg, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(self.path, config=cfg, **kwargs, **self.hub_kwargs)
             if self.gguf_file:  # GGUF weights arrive dequantised to float32: a plain model from here on
                 model.hf_quantizer, model.is_quantized = None, False
                 model.config.__dict__.pop("quantization_config", None)
             return model
         return AutoModelForCausalLM.from_config(cfg)
 
+    def attention_widths(self, c) -> tuple[int, int]:
+        """(query width, key/value width): they differ under grouped-query attention."""
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return heads * head_dim, getattr(c, "num_key_value_heads", heads) * head_dim
+
     def attention_macs(self, t: torch.Tensor, c) -> torch.Tensor:
         """Per layer, for T tokens: Q, K, V, O projections and the attention scores and mixing. The
         scores and mixing are counted over the full T x T matrix, as the kernels compute them."""
-        heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        q = heads * head_dim
-        kv = getattr(c, "num_key_value_heads", heads) * head_dim
+        q, kv = self.attention_widths(c)
         return t * c.hidden_size * (2 * q + 2 * kv) + 2 * t**2 * q
+
+    def projection_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+        q, kv = self.attention_widths(self.hf_config())
+        return dims.layers * tokens.double() * dims.d * (2 * q + 2 * kv)
 
     def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
         """MACs of everything except the FFNs, per sequence with `tokens` real tokens ([B] -> [B]):

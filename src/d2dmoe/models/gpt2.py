@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..attention import Fused
 from ..moe import FFN
 from .causal_lm import CausalLMAdapter
 
@@ -37,3 +38,12 @@ class GPT2Adapter(CausalLMAdapter):
 
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return [(block.mlp, "0") for block in self.blocks(model)]
+
+    def projection_slots(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
+        """c_attn (Conv1D d -> 3d) becomes Fused(Q, K, V) and c_proj a Linear, on first use."""
+        attn = block.attn
+        if not isinstance(attn.c_attn, Fused):
+            attn.c_attn = Fused.from_linear(conv1d_to_linear(attn.c_attn), 3)
+        if type(attn.c_proj).__name__ == "Conv1D":
+            attn.c_proj = conv1d_to_linear(attn.c_proj)
+        return [*attn.c_attn.slots(), (attn, "c_proj")]

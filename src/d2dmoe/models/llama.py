@@ -26,3 +26,7 @@ class LlamaAdapter(CausalLMAdapter):
 
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return [(block, "mlp") for block in self.blocks(model)]
+
+    def projection_slots(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
+        raise NotImplementedError("attention.convert is not supported for gated-FFN LLMs (the llama family): "
+                                  "their grouped-query K/V projections are not d -> d")

@@ -7,6 +7,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from ..attention import Fused
 from ..moe import FFN
 from .base import Adapter, Dims
 
@@ -79,6 +80,13 @@ class VitAdapter(Adapter):
 
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return [(block, "mlp") for block in self.blocks(model)]
+
+    def projection_slots(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
+        """qkv (Linear d -> 3d) becomes Fused(Q, K, V) on first use; proj is O."""
+        attn = block.attn
+        if not isinstance(attn.qkv, Fused):
+            attn.qkv = Fused.from_linear(attn.qkv, 3)
+        return [*attn.qkv.slots(), (attn, "proj")]
 
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(batch["pixel_values"])  # [B, C]

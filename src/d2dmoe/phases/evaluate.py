@@ -14,7 +14,9 @@ from ..stats import ActivationStats, ExpertUse
 
 class Evaluation(L.LightningModule):
     """Run with `trainer.test`; afterwards `value` (the task's metric), `macs` (mean per sample),
-    `dense_macs` and `experts_per_token`. Given `expert_use` or `activations`, also fills them."""
+    `dense_macs`, `experts_per_token` (FFN MoE layers) and `attention_experts_per_token` (the
+    projections' MoE layers, when converted). Given `expert_use` or `activations`, also fills them
+    (FFN layers only)."""
 
     def __init__(self, model: torch.nn.Module, adapter, dims, expert_use: ExpertUse | None = None,
                  activations: ActivationStats | None = None):
@@ -26,11 +28,12 @@ class Evaluation(L.LightningModule):
         self.samples = 0
         self.metric_sum = self.metric_count = 0.0
         self.macs_sum = self.dense_macs_sum = 0.0
-        self.pairs = self.tokens = 0.0
+        self.pairs = {"ffn": 0.0, "attention": 0.0}  # executed pairs per layer, summed over batches
+        self.tokens = 0.0
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         mask = self.adapter.token_mask(batch)
-        with capture_activations(self.model) if self.activations is not None else nullcontext([]) as acts:
+        with capture_activations(self.model, "ffn") if self.activations is not None else nullcontext([]) as acts:
             logits = self.adapter.forward(self.model, batch)
         if self.activations is not None:
             self.activations.update(acts, mask)
@@ -39,13 +42,15 @@ class Evaluation(L.LightningModule):
         tokens = mask.sum(-1)
         self.samples += len(mask)
         self.dense_macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
-        moes = moe_layers(self.model)
-        if moes:
+        if moe_layers(self.model):
             self.macs_sum += float(moe_model_macs(self.adapter, self.model, mask, self.dims).sum())
-            self.pairs += sum(float(executed_pairs(m, mask).sum()) for m in moes) / len(moes)
+            for kind in self.pairs:
+                if moes := moe_layers(self.model, kind):
+                    self.pairs[kind] += sum(float(executed_pairs(m, mask).sum()) for m in moes) / len(moes)
             self.tokens += float(tokens.sum())
             if self.expert_use is not None:
-                self.expert_use.update([m.last_mask for m in moes], mask, batch.get("pixel_values"))
+                masks = [m.last_mask for m in moe_layers(self.model, "ffn")]
+                self.expert_use.update(masks, mask, batch.get("pixel_values"))
         else:
             self.macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
 
@@ -65,4 +70,10 @@ class Evaluation(L.LightningModule):
 
     @property
     def experts_per_token(self) -> float | None:
-        return self.pairs / self.tokens if self.tokens else None
+        """Mean over FFN MoE layers and real tokens of the experts executed."""
+        return self.pairs["ffn"] / self.tokens if self.tokens else None
+
+    @property
+    def attention_experts_per_token(self) -> float | None:
+        """The same over the attention projections' MoE layers; None when there are none."""
+        return self.pairs["attention"] / self.tokens if self.tokens and moe_layers(self.model, "attention") else None

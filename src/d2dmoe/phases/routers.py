@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..moe import AllExperts, MoE, moe_layers, set_gate
 from ..sparsity import masked_token_mean
+from .guard import check_finite
 
 
 @contextmanager
@@ -48,6 +49,8 @@ def moefication_loss(moe: MoE, x: torch.Tensor, h: torch.Tensor, mask: torch.Ten
 
 
 class RouterTraining(L.LightningModule):
+    phase = "routers"
+
     def __init__(self, model: torch.nn.Module, adapter, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__()
         self.model = model.eval()  # the base stays in eval mode (no dropout) while routers train
@@ -79,6 +82,7 @@ class RouterTraining(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.router_loss(batch)
+        check_finite(self.phase, self.global_step, loss)
         self.log("router/train_loss", loss, prog_bar=True)
         return loss
 

@@ -1,0 +1,113 @@
+"""Failing loudly and reproducibly: non-finite losses stop the phase, the same config and seed give
+the same points."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from d2dmoe import pipeline
+from d2dmoe.cli import FAILED
+from d2dmoe.phases import finetune
+from d2dmoe.phases.guard import NonFiniteLoss, check_finite
+from d2dmoe.results import read_points
+from tests.conftest import ROOT, compose_config
+
+
+def test_check_finite_names_phase_step_and_terms():
+    check_finite("sparsify", 3, torch.tensor(1.5), task=torch.tensor(1.0))
+    with pytest.raises(NonFiniteLoss, match=r"sparsify: non-finite loss at step 7 \(loss=nan, task=1, penalty=inf\)"):
+        check_finite("sparsify", 7, torch.tensor(float("nan")), task=torch.tensor(1.0), penalty=float("inf"))
+
+
+def test_a_nan_penalty_stops_sparsify_and_saves_nothing(smoke_cfg, monkeypatch):
+    monkeypatch.setattr(finetune, "penalty", lambda *args: torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLoss, match=r"sparsify: non-finite loss at step 0 \(loss=nan, task=[0-9.]+, "
+                                            r"penalty=nan, alpha=0\)"):
+        pipeline.run(smoke_cfg)
+    arts = pipeline.artifacts(smoke_cfg)
+    assert arts["dense"].exists() and not arts["sparsify"].exists()
+
+
+def test_same_config_and_seed_give_identical_points(tmp_path):
+    """Every phase trained twice from nothing, in separate artifact folders: the same points, bit for bit."""
+    runs = [pipeline.run(compose_config(["experiment=smoke"], artifacts_dir=tmp_path / str(i))).points
+            for i in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    """Job 0 fails (alpha < 0), job 1 runs to the end; the sweep names the failure and exits 1."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "-m", "experiment=smoke", "sparsity.alpha=-1,0",
+         f"artifacts_dir={tmp_path / 'artifacts'}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "ConfigError: sparsity.alpha: must be >= 0, got -1" in (sweep / "0" / FAILED).read_text()
+    assert not (sweep / "0" / "points.jsonl").exists()
+    assert len(read_points(sweep / "1" / "points.jsonl")) == 4 and not (sweep / "1" / FAILED).exists()
+    assert "1 job(s) of the sweep" in result.stdout
+    assert "  0 [experiment=smoke sparsity.alpha=-1 " in result.stdout and "ConfigError: sparsity.alpha" in result.stdout
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_remote_code_runs_only_when_the_config_asks(trust, monkeypatch):
+    """Every hub call of an adapter passes trust_remote_code=True exactly when model.trust_remote_code is set."""
+    import transformers
+
+    from d2dmoe.models import BertAdapter
+
+    seen = []
+
+    def record(kind):
+        def from_pretrained(*args, **kwargs):
+            seen.append((kind, kwargs.get("trust_remote_code", False)))
+            raise RuntimeError("recorded")
+        return from_pretrained
+
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", record(cls.__name__))
+    adapter = BertAdapter("m", path="/nowhere", trust_remote_code=trust)
+    for call in (lambda: adapter.tokenizer(), lambda: adapter.dims(2)):
+        with pytest.raises(RuntimeError, match="recorded"):
+            call()
+    assert seen == [("AutoTokenizer", trust), ("AutoConfig", trust)]
+
+
+def make_shared_artifact(root: str, log: str, out: str) -> None:
+    """One sweep job's view: obtain an artifact that takes a while to make, note whether it made it."""
+    import time
+
+    from safetensors.torch import save_file
+
+    from d2dmoe.artifacts import Artifact
+
+    def make():
+        with open(log, "a") as f:
+            f.write("made\n")
+        time.sleep(1.0)  # long enough that the other job finds the lock taken
+        torch.manual_seed(time.time_ns() % 1000)  # each maker would make different weights
+        return torch.nn.Linear(4, 4), {}
+
+    model = Artifact(root, "shared", {"x": 1}).obtain(lambda: Artifact(root, "shared", {"x": 1}).load_into(
+        torch.nn.Linear(4, 4)), make)
+    save_file(dict(model.state_dict()), out)
+
+
+def test_concurrent_jobs_make_a_shared_artifact_once(tmp_path):
+    import multiprocessing as mp
+
+    from safetensors.torch import load_file
+
+    ctx = mp.get_context("spawn")
+    jobs = [ctx.Process(target=make_shared_artifact, args=(str(tmp_path / "a"), str(tmp_path / "log"),
+                                                           str(tmp_path / f"out{i}"))) for i in range(3)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+        assert job.exitcode == 0
+    assert (tmp_path / "log").read_text() == "made\n"
+    outs = [load_file(tmp_path / f"out{i}") for i in range(3)]
+    assert all(torch.equal(o["weight"], outs[0]["weight"]) for o in outs)
