@@ -111,3 +111,42 @@ def test_concurrent_jobs_make_a_shared_artifact_once(tmp_path):
     assert (tmp_path / "log").read_text() == "made\n"
     outs = [load_file(tmp_path / f"out{i}") for i in range(3)]
     assert all(torch.equal(o["weight"], outs[0]["weight"]) for o in outs)
+
+
+def test_a_run_killed_during_sparsify_resumes_to_the_same_points(tmp_path):
+    """SIGKILL after sparsify's third checkpoint (second epoch), run the same command again: it
+    continues from that checkpoint (dense is not retrained) and ends with the points of a run that
+    was never interrupted."""
+    import os
+    import signal
+    import time
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, str(ROOT / "run.py"), "experiment=smoke", "data.limit_train=160",
+                "sparsity.max_steps=-1", "sparsity.epochs=3", "checkpoint_every=4",
+                f"artifacts_dir={tmp_path / name / 'artifacts'}", f"hydra.run.dir={tmp_path / name / 'run'}"]
+
+    work = tmp_path / "killed" / "artifacts" / ".work"
+    job = subprocess.Popen(command("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saves, last_mtime, deadline = 0, None, time.time() + 300
+    while saves < 3 and time.time() < deadline and job.poll() is None:
+        ckpts = list(work.glob("sparsify-*/last.ckpt"))
+        mtime = ckpts[0].stat().st_mtime_ns if ckpts else None
+        if mtime is not None and mtime != last_mtime:
+            saves, last_mtime = saves + 1, mtime
+        time.sleep(0.002)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    assert saves == 3, "the run ended before its third sparsify checkpoint"
+    arts = tmp_path / "killed" / "artifacts"
+    assert list(arts.glob("dense-*/model.safetensors")) and not list(arts.glob("sparsify-*/model.safetensors"))
+
+    resumed = subprocess.run(command("killed"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logs = resumed.stdout + resumed.stderr
+    assert "resuming sparsify from" in logs and f"reusing {arts}/dense-" in logs
+    assert not list(work.glob("sparsify-*"))  # checkpoints go once the artifact is saved
+    whole = subprocess.run(command("whole"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    points = [read_points(tmp_path / name / "run" / "points.jsonl") for name in ("killed", "whole")]
+    assert points[0] == points[1]

@@ -50,6 +50,11 @@ class Artifact:
     def exists(self) -> bool:
         return (self.dir / WEIGHTS).is_file()
 
+    @property
+    def work_dir(self) -> Path:
+        """Where the phase keeps its checkpoints while it trains (resume.py); removed once saved."""
+        return self.dir.parent / ".work" / self.key
+
     def save(self, model: torch.nn.Module, info: dict | None = None) -> None:
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.dir.with_name(f".tmp-{self.key}-{os.getpid()}")
@@ -62,6 +67,7 @@ class Artifact:
             os.rename(tmp, self.dir)
         except OSError:  # another job wrote the same artifact first; both are equal, keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
         load_model(model, str(self.dir / WEIGHTS))

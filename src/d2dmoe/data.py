@@ -105,7 +105,12 @@ class LengthGroupedBatches(Sampler[list[int]]):
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, window: int = 50):
         self.lengths = torch.as_tensor(lengths)
         self.batch_size, self.shuffle, self.seed, self.window = batch_size, shuffle, seed, window
-        self.epoch = 0
+        self.epoch = 0  # the epoch the next iteration draws its order for (one iteration per epoch)
+        self.skip = 0  # batches the next iteration leaves out at its start: a resumed, half-done epoch
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """The next iteration is epoch `epoch`'s order without its first `batches` batches."""
+        self.epoch, self.skip = epoch, batches
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
@@ -114,6 +119,7 @@ class LengthGroupedBatches(Sampler[list[int]]):
         n = len(self.lengths)
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
+        skip, self.skip = self.skip, 0
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         span = self.batch_size * self.window if self.shuffle else n
         batches = []
@@ -123,14 +129,35 @@ class LengthGroupedBatches(Sampler[list[int]]):
             batches += list(chunk.split(self.batch_size))
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
-        return iter([b.tolist() for b in batches])
+        return iter([b.tolist() for b in batches[skip:]])
 
 
 class SplitData(L.LightningDataModule):
-    """The three loaders of a data module whose `_loader(split, shuffle, batch_size)` builds one."""
+    """The three loaders of a data module whose `_loader(split, shuffle, batch_size)` builds one, each
+    batched by a `LengthGroupedBatches`. Checkpoints hold where training is in the data (`state_dict`),
+    so a resumed phase sees the batches it would have seen."""
+
+    resume_at: tuple[int, int] | None = None  # (epoch, batches done), set when a checkpoint is loaded
 
     def train_dataloader(self):
-        return self._loader("train", True, self.batch_size)
+        loader = self._loader("train", True, self.batch_size)
+        if self.resume_at is not None:
+            loader.batch_sampler.resume(*self.resume_at)
+            self.resume_at = None
+        return loader
+
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if done >= trainer.num_training_batches:  # saved on the epoch's last batch: the next starts afresh
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.resume_at = (state["epoch"], state["batches"])
 
     def val_dataloader(self):
         return self._loader("validation", False, self.eval_batch_size)
@@ -234,7 +261,9 @@ class TokenizedTextData(SplitData):
         self.setup()
         lengths = [len(ids) for ids in self.splits[split]["input_ids"]]
         batches = LengthGroupedBatches(lengths, batch_size, shuffle, seed=self.split_seed)
-        return DataLoader(self.splits[split], batch_sampler=batches, collate_fn=DataCollatorWithPadding(self.tokenizer))
+        # its own generator: creating the loader's iterator then draws nothing from torch's global RNG
+        return DataLoader(self.splits[split], batch_sampler=batches, collate_fn=DataCollatorWithPadding(self.tokenizer),
+                          generator=torch.Generator().manual_seed(self.split_seed))
 
 
 class TextClassificationData(TokenizedTextData):

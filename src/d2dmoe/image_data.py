@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import SplitData
+from .data import LengthGroupedBatches, SplitData
 
 KINDS = ("idx", "image_folder", "digits")
 
@@ -150,6 +150,7 @@ class ImageClassificationData(SplitData):
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()
-        g = torch.Generator().manual_seed(self.split_seed)
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=g,
-                          num_workers=self.num_workers)
+        # images are all one length: the batches are plain shuffled batches, resumable mid-epoch
+        batches = LengthGroupedBatches([0] * len(self.splits[split]), batch_size, shuffle, seed=self.split_seed)
+        return DataLoader(self.splits[split], batch_sampler=batches, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.split_seed))

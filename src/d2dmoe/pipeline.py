@@ -21,6 +21,7 @@ from .phases.evaluate import Evaluation
 from .phases.finetune import TaskTraining
 from .phases.routers import RouterTraining
 from .phases.split import moe_skeleton, split_model
+from .resume import last_checkpoint, resume_callbacks
 from .stats import ActivationStats, ExpertUse
 from .validate import check_config, check_model, num_experts
 
@@ -78,15 +79,21 @@ class Context:
         return model
 
     def fit(self, module: L.LightningModule, settings: DictConfig, phase: str) -> L.Trainer:
+        """Train a phase with Lightning; from its last checkpoint if an earlier attempt left one."""
         module.phase = phase
         logger = False
         if self.wandb_run is not None:
             from lightning.pytorch.loggers import WandbLogger
 
             logger = WandbLogger(experiment=self.wandb_run, prefix=phase)
-        trainer = instantiate(self.cfg.trainer, max_epochs=settings.epochs,
-                              max_steps=settings.get("max_steps", -1), logger=logger)
-        trainer.fit(module, datamodule=self.data)
+        work_dir = artifacts(self.cfg)[phase].work_dir
+        callbacks = resume_callbacks(work_dir, self.cfg.checkpoint_every)
+        trainer = instantiate(self.cfg.trainer, max_epochs=settings.epochs, max_steps=settings.get("max_steps", -1),
+                              logger=logger, callbacks=callbacks, enable_checkpointing=bool(callbacks))
+        ckpt = last_checkpoint(work_dir)
+        if ckpt:
+            log.info("resuming %s from %s", phase, ckpt)
+        trainer.fit(module, datamodule=self.data, ckpt_path=ckpt, weights_only=True)
         return trainer
 
     def test(self, module: Evaluation) -> Evaluation:

@@ -1,0 +1,39 @@
+"""Resuming a training phase killed part-way: Lightning checkpoints every `checkpoint_every` steps
+into `<artifacts_dir>/.work/<artifact key>/last.ckpt` (written to a temporary file and moved into
+place), holding the weights, optimizer, schedule and loop state, where training is in the data
+(`SplitData.state_dict`) and torch's random state (`RngState`). The same command started again
+continues from there, to the same result; the folder goes once the phase's artifact is saved."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+LAST = "last.ckpt"
+
+
+class RngState(Callback):
+    """Torch's random state in each checkpoint and back: dropout after a resume draws what it would have."""
+
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_callbacks(work_dir: Path, every: int) -> list[Callback]:
+    """What a phase's Trainer needs to be resumable; nothing when `every` is 0 (checkpoints off)."""
+    if not every:
+        return []
+    return [RngState(), ModelCheckpoint(dirpath=work_dir, filename=Path(LAST).stem, every_n_train_steps=every,
+                                        save_top_k=1, enable_version_counter=False)]
+
+
+def last_checkpoint(work_dir: Path) -> str | None:
+    path = work_dir / LAST
+    return str(path) if path.is_file() else None
