@@ -150,3 +150,97 @@ def test_a_run_killed_during_sparsify_resumes_to_the_same_points(tmp_path):
     assert whole.returncode == 0, whole.stderr[-3000:]
     points = [read_points(tmp_path / name / "run" / "points.jsonl") for name in ("killed", "whole")]
     assert points[0] == points[1]
+
+
+def test_out_of_memory_names_the_batch_sizes(smoke_cfg, monkeypatch):
+    from d2dmoe.models import BertAdapter
+    from d2dmoe.phases.guard import BatchTooLarge
+
+    def too_big(self, model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(BertAdapter, "forward", too_big)
+    with pytest.raises(BatchTooLarge, match=r"dense: out of memory with data.batch_size=16, data.eval_batch_size=64, "
+                                            r"data.max_length=32; lower them"):
+        pipeline.run(smoke_cfg)
+
+
+def test_a_corrupt_or_mismatched_artifact_is_named(tmp_path):
+    from d2dmoe.artifacts import Artifact, CorruptArtifact
+
+    art = Artifact(tmp_path, "sparsify", {"x": 1})
+    art.save(torch.nn.Linear(4, 4))
+    with pytest.raises(CorruptArtifact, match=f"{art.dir}: cannot be loaded.*delete the folder"):
+        art.load_into(torch.nn.Linear(5, 5))  # another shape than the one saved
+    weights = art.dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated
+    with pytest.raises(CorruptArtifact, match="cannot be loaded"):
+        art.obtain(lambda: art.load_into(torch.nn.Linear(4, 4)), lambda: pytest.fail("made again"))
+
+
+@pytest.mark.parametrize("data", ["bbc_news", "carer", "fashion_mnist"])
+def test_a_missing_data_path_is_named(data, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_config([f"data={data}", f"data.path={tmp_path}/nowhere"], artifacts_dir=tmp_path).data
+    text = {} if data == "fashion_mnist" else {"tokenizer": instantiate(compose_config(["model=tiny_bert"]).model).tokenizer()}
+    with pytest.raises(FileNotFoundError, match=f"data.path={tmp_path}/nowhere: no such"):
+        instantiate(cfg, **text).setup()
+
+
+def test_joblib_sweep_jobs_share_upstream_artifacts(tmp_path):
+    """Two jobs at once (hydra/launcher=joblib) need the same dense, sparsify and split: each is made
+    once, one job waiting for the other; each job then trains its own routers."""
+    sweep, arts = tmp_path / "sweep", tmp_path / "artifacts"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         "experiment=smoke", "routing.router.lr=1e-3,2e-3", f"artifacts_dir={arts}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    made = sorted(p.name.rsplit("-", 1)[0] for p in arts.glob("*-*") if p.is_dir())
+    assert made == ["dense", "routers", "routers", "sparsify", "split"]
+    logs = "".join(p.read_text() for p in sweep.glob("*/run.log"))
+    assert "waiting for" in logs and all(len(read_points(sweep / j / "points.jsonl")) == 4 for j in "01")
+
+
+def test_ddp_trains_sparsify_and_routers_on_two_cpu_processes(tmp_path):
+    """trainer=ddp: Lightning's ddp_spawn with 2 gloo processes on the CPU; the trained weights come
+    back to this process, which saves the artifacts and evaluates."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = compose_config(["experiment=smoke", "trainer=ddp", "dense.max_steps=0"], artifacts_dir=tmp_path)
+    points = pipeline.run(cfg).points
+    assert len(points) == 4
+    arts = pipeline.artifacts(cfg)
+    for phase in ("sparsify", "routers"):
+        assert json.loads((arts[phase].dir / "info.json").read_text())["world_size"] == 2
+    dense, sparse = (load_file(arts[p].dir / "model.safetensors") for p in ("dense", "sparsify"))
+    assert any(not torch.equal(dense[k], sparse[k]) for k in dense if k in sparse)  # trained, and returned
+
+
+def test_batches_shard_across_ranks(monkeypatch):
+    """Under data parallelism each rank gets its own batches, as many as every other rank."""
+    from d2dmoe import data
+
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(data, "rank_and_world", lambda rank=rank: (3, rank))
+        sampler = data.LengthGroupedBatches(list(range(50)), batch_size=4, shuffle=True)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 13 // 3
+        seen += [i for b in batches for i in b]
+    assert len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"), ("submitit_slurm", "SlurmLauncher"),
+                                              ("submitit_local", "LocalLauncher")])
+def test_cluster_launchers_compose(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import load_model, save_model
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ def canonical(value):
 
 def config_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(canonical(spec), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class CorruptArtifact(RuntimeError):
+    pass
 
 
 class Artifact:
@@ -70,7 +74,11 @@ class Artifact:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
-        load_model(model, str(self.dir / WEIGHTS))
+        try:
+            load_model(model, str(self.dir / WEIGHTS))
+        except Exception as err:  # truncated file, or weights of another shape than the config gives
+            raise CorruptArtifact(f"{self.dir}: cannot be loaded into the model this config builds "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); delete the folder to make it again") from err
         return model
 
     def obtain(self, load: Callable[[], torch.nn.Module],
@@ -83,12 +91,17 @@ class Artifact:
             return load()
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.dir.with_name(f".{self.key}.lock"))
-        if lock.is_locked:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
             log.info("waiting for %s: another job is making it", self.dir)
-        with lock:
+            lock.acquire()
+        try:
             if self.exists():  # made by the job we waited for
                 log.info("reusing %s", self.dir)
                 return load()
             model, info = make()
             self.save(model, info)
             return model
+        finally:
+            lock.release()

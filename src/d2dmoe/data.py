@@ -32,9 +32,19 @@ def package_dir(package: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+def require_local(path: str | Path | None, what: str) -> None:
+    """A data path that names a local file or folder must exist; hub names pass."""
+    p = str(path or "")
+    local = p.startswith(("/", "./", "../", "~")) or what == "folder"
+    if local and not Path(p).expanduser().exists():
+        raise FileNotFoundError(f"data.path={p}: no such {what}; point data.path at the data (see the README's "
+                                "data section) or use a hub dataset name")
+
+
 def load_text_folder(path: Path, val_fraction: float, test_fraction: float, seed: int):
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
+    require_local(path, "folder")
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     rows = {"text": [], "label": []}
     for label, name in enumerate(classes):
@@ -80,7 +90,8 @@ def load_splits(path: str, delimiter: str | None, val_fraction: float, test_frac
     holding one file per split, or one local file."""
     from datasets import DatasetDict, load_dataset
 
-    local = Path(path)
+    require_local(path, "file or folder")
+    local = Path(path).expanduser()
     if local.is_file():
         builder, kwargs = builder_for(local.suffix.lstrip("."), delimiter)
         ds = load_dataset(builder, data_files={"train": str(local)}, **kwargs)
@@ -113,7 +124,9 @@ class LengthGroupedBatches(Sampler[list[int]]):
         self.epoch, self.skip = epoch, batches
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        batches = -(-len(self.lengths) // self.batch_size)
+        world, _ = rank_and_world()
+        return batches // world if world > 1 else batches
 
     def __iter__(self):
         n = len(self.lengths)
@@ -129,7 +142,19 @@ class LengthGroupedBatches(Sampler[list[int]]):
             batches += list(chunk.split(self.batch_size))
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
+        world, rank = rank_and_world()
+        if world > 1:  # data-parallel: every rank the same number of batches, each its own
+            batches = batches[:len(batches) - len(batches) % world][rank::world]
         return iter([b.tolist() for b in batches[skip:]])
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(world size, rank) of the running process group; (1, 0) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 class SplitData(L.LightningDataModule):

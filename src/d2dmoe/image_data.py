@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import LengthGroupedBatches, SplitData
+from .data import LengthGroupedBatches, SplitData, require_local
 
 KINDS = ("idx", "image_folder", "digits")
 
@@ -103,6 +103,8 @@ class ImageClassificationData(SplitData):
 
     def _load(self) -> dict[str, Dataset]:
         g = torch.Generator().manual_seed(self.split_seed)
+        if self.kind != "digits":
+            require_local(self.path, "folder")
         if self.kind == "idx":
             folder = Path(self.path)
             load = lambda prefix, what: torch.from_numpy(read_idx(find_idx(folder, prefix, what)).copy())  # noqa: E731

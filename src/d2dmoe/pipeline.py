@@ -19,6 +19,7 @@ from .moe import AllExperts, DynamicKGate, TopKGate, free_scratch, set_gate, set
 from .phases.attention import AttentionDistillation
 from .phases.evaluate import Evaluation
 from .phases.finetune import TaskTraining
+from .phases.guard import out_of_memory_hint
 from .phases.routers import RouterTraining
 from .phases.split import moe_skeleton, split_model
 from .resume import last_checkpoint, resume_callbacks
@@ -93,12 +94,15 @@ class Context:
         ckpt = last_checkpoint(work_dir)
         if ckpt:
             log.info("resuming %s from %s", phase, ckpt)
-        trainer.fit(module, datamodule=self.data, ckpt_path=ckpt, weights_only=True)
+        with out_of_memory_hint(phase, self.data):
+            trainer.fit(module, datamodule=self.data, ckpt_path=ckpt, weights_only=True)
         return trainer
 
     def test(self, module: Evaluation) -> Evaluation:
-        trainer = instantiate(self.cfg.trainer, logger=False)
-        trainer.test(module, datamodule=self.data, verbose=False)
+        # one process: the metric and cost sums accumulate in this module (trainer=ddp trains only)
+        trainer = instantiate(self.cfg.trainer, logger=False, strategy="auto", devices=1)
+        with out_of_memory_hint("evaluate", self.data):
+            trainer.test(module, datamodule=self.data, verbose=False)
         return module
 
 
@@ -148,7 +152,8 @@ def obtain(ctx: Context, art: Artifact, stage: str, make) -> nn.Module:
 
 
 def metrics(trainer: L.Trainer) -> dict:
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    """The phase's last logged metrics, and how many processes trained it."""
+    return {**{k: float(v) for k, v in trainer.callback_metrics.items()}, "world_size": trainer.world_size}
 
 
 def train_dense(ctx: Context):
