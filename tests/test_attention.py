@@ -238,3 +238,18 @@ def test_distill_returns_the_original_output():
     expected = (wrapper.mlp(x) - proj(x)).pow(2).mean(-1)
     torch.testing.assert_close(wrapper.error, expected)
     assert isinstance(wrapper.mlp, FFN)
+
+
+def test_penalty_adds_the_projection_mlps_as_their_own_group():
+    """FFN layers and projection MLPs: each group averaged over its layers, the two terms added, so
+    the FFNs' penalty is as strong as without converted projections."""
+    from d2dmoe.sparsity import grouped_penalty, square_hoyer
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 0]])
+    ffn = [torch.rand(1, 3, 8), torch.rand(1, 3, 8)]
+    attention = [torch.rand(1, 3, 4)]
+    by_hand = sum(square_hoyer(a)[0, :2].mean() for a in ffn) / 2 + square_hoyer(attention[0])[0, :2].mean()
+    torch.testing.assert_close(grouped_penalty([ffn, attention], mask, "hoyer"), by_hand)
+    torch.testing.assert_close(grouped_penalty([ffn, []], mask, "hoyer"),
+                               sum(square_hoyer(a)[0, :2].mean() for a in ffn) / 2)

@@ -21,7 +21,7 @@ def test_check_finite_names_phase_step_and_terms():
 
 
 def test_a_nan_penalty_stops_sparsify_and_saves_nothing(smoke_cfg, monkeypatch):
-    monkeypatch.setattr(finetune, "penalty", lambda *args: torch.tensor(float("nan")))
+    monkeypatch.setattr(finetune, "grouped_penalty", lambda *args: torch.tensor(float("nan")))
     with pytest.raises(NonFiniteLoss, match=r"sparsify: non-finite loss at step 0 \(loss=nan, task=[0-9.]+, "
                                             r"penalty=nan, alpha=0\)"):
         pipeline.run(smoke_cfg)

@@ -7,3 +7,10 @@ from .data import package_dir
 OmegaConf.register_new_resolver("pkgdir", package_dir, replace=True)
 
 __version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """A converted model saved by `d2dmoe convert` (or `save_pretrained`), ready to run: see export.py."""
+    from .export import load as load_folder
+
+    return load_folder(path, device)

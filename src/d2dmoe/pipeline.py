@@ -98,11 +98,15 @@ class Context:
             trainer.fit(module, datamodule=self.data, ckpt_path=ckpt, weights_only=True)
         return trainer
 
-    def test(self, module: Evaluation) -> Evaluation:
+    def test(self, module: Evaluation, split: str = "test") -> Evaluation:
+        """Run `module` over the test (or validation) split."""
         # one process: the metric and cost sums accumulate in this module (trainer=ddp trains only)
         trainer = instantiate(self.cfg.trainer, logger=False, strategy="auto", devices=1)
         with out_of_memory_hint("evaluate", self.data):
-            trainer.test(module, datamodule=self.data, verbose=False)
+            if split == "test":
+                trainer.test(module, datamodule=self.data, verbose=False)
+            else:
+                trainer.test(module, dataloaders=self.data.val_dataloader(), verbose=False)
         return module
 
 

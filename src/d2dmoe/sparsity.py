@@ -35,6 +35,13 @@ def penalty(activations: list[torch.Tensor], mask: torch.Tensor, kind: str) -> t
     return torch.stack([masked_token_mean(fn(a), mask) for a in activations]).mean()
 
 
+def grouped_penalty(groups: list[list[torch.Tensor]], mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """The sum over groups of layers (the FFNs; the MLPs that replaced attention projections) of each
+    group's `penalty`: converting the attention projections adds their own term and leaves the FFNs'
+    as strong as it is without them (a mean over all layers would dilute it 5x for MiniLM)."""
+    return sum(penalty(group, mask, kind) for group in groups if group)
+
+
 def alpha_at(alpha: float, schedule: str, step: int, total_steps: int) -> float:
     """alpha_t. linear_warmup: alpha * min(t / (T/2), 1); linear: alpha * t / T; constant: alpha."""
     if schedule == "constant":

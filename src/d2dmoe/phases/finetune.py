@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from ..sparsity import alpha_at, capture_activations, penalty
+from ..sparsity import alpha_at, capture_activations, grouped_penalty
 from .guard import check_finite
 
 
@@ -29,9 +29,9 @@ class TaskTraining(L.LightningModule):
             check_finite(self.phase, self.global_step, loss)
             self.log("train/loss", loss, prog_bar=True)
             return loss
-        with capture_activations(self.model) as acts:
+        with capture_activations(self.model, "ffn") as ffn, capture_activations(self.model, "attention") as attention:
             task = self.task.loss(self.adapter.forward(self.model, batch), batch, mask)
-        pen = penalty(acts, mask, self.penalty_kind)
+        pen = grouped_penalty([ffn, attention], mask, self.penalty_kind)
         alpha_t = alpha_at(self.alpha, self.schedule, self.global_step, self.trainer.estimated_stepping_batches)
         loss = task + alpha_t * pen
         check_finite(self.phase, self.global_step, loss, task=task, penalty=pen, alpha=alpha_t)

@@ -16,9 +16,10 @@ class NonFiniteLoss(FloatingPointError):
 
 def check_finite(phase: str, step: int, loss: torch.Tensor, **terms) -> None:
     """Raise NonFiniteLoss if `loss` is NaN or infinite; `terms` are the parts it was made of."""
-    if math.isfinite(float(loss)):
+    value = lambda v: float(v.detach()) if torch.is_tensor(v) else float(v)  # noqa: E731
+    if math.isfinite(value(loss)):
         return
-    parts = ", ".join(f"{k}={float(v):.6g}" for k, v in {"loss": loss, **terms}.items())
+    parts = ", ".join(f"{k}={value(v):.6g}" for k, v in {"loss": loss, **terms}.items())
     raise NonFiniteLoss(f"{phase}: non-finite loss at step {step} ({parts}); lower the phase's lr "
                         f"(or alpha), or check the data and the upstream artifact")
 

@@ -1,0 +1,130 @@
+"""A converted model as a folder that loads without the training config.
+
+    folder/
+      model.safetensors   every weight of the MoE model (experts, routers, the rest)
+      d2dmoe.json         family, how to rebuild the architecture (adapter settings, experts per
+                          layer, router shapes, activation), the operating tau, and the calibration
+                          table (validation rel_cost and metric at each tau) that `set_budget` reads
+      config.json, tokenizer files   (transformers families) the architecture's own config and tokenizer
+
+`load(folder)` (or `ConvertedModel.from_pretrained`) rebuilds the module and loads the weights;
+`set_tau` / `set_budget` move the operating point at run time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .attention import install_projection_mlps
+from .moe import DynamicKGate, moe_layers, set_gate, set_impl
+from .phases.split import moe_skeleton
+
+CONFIG = "d2dmoe.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+HUB_ONLY_KEYS = ("gguf_file", "tokenizer", "weights_file")  # how the original was fetched, not what it is
+
+
+class ConvertedModel(nn.Module):
+    """A converted model ready to run: `model(**batch)` gives the logits ([B, C] or [B, T, V])."""
+
+    def __init__(self, model: nn.Module, adapter, spec: dict):
+        super().__init__()
+        self.model, self.adapter, self.spec = model, adapter, spec
+        set_impl(model, "gather")
+        self.set_tau(spec["tau"])
+
+    def forward(self, **batch) -> torch.Tensor:
+        return self.adapter.forward(self.model, batch)
+
+    def set_tau(self, tau: float) -> None:
+        """Dynamic-k threshold of every MoE layer (0 runs every expert, 1 only the top one)."""
+        set_gate(self.model, DynamicKGate(float(tau)))
+        self.tau = float(tau)
+
+    def set_budget(self, budget: float) -> float:
+        """The tau with the best validation metric whose validation rel_cost is within `budget`
+        (the cheapest tau when none is); sets it and returns it."""
+        tau = choose_tau(self.spec["calibration"], budget, self.spec["metric"])["tau"]
+        self.set_tau(tau)
+        return tau
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        return save(path, self.model, self.spec)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> ConvertedModel:
+        return load(path, device)
+
+
+def choose_tau(calibration: list[dict], budget: float, metric: str) -> dict:
+    """The calibration row (tau, rel_cost, value) of best value with rel_cost <= budget; ties go to
+    the cheaper one; the cheapest row when none fits."""
+    better = (lambda v: -v) if metric == "loss" else (lambda v: v)
+    fits = [row for row in calibration if row["rel_cost"] <= budget]
+    if not fits:
+        return min(calibration, key=lambda row: row["rel_cost"])
+    return max(fits, key=lambda row: (better(row["value"]), -row["rel_cost"]))
+
+
+def save(path: str | Path, model: nn.Module, spec: dict, tokenizer=None) -> Path:
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / WEIGHTS))
+    if hasattr(getattr(model, "config", None), "save_pretrained"):  # transformers: the architecture's config
+        model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / CONFIG).write_text(json.dumps({"format": FORMAT, **spec}, indent=2))
+    return folder
+
+
+def model_spec(model_cfg: dict, moe: nn.Module, num_labels: int | None, activation: str, router_kind: str,
+               attention: tuple[int, int] | None) -> dict:
+    """What `load` needs to rebuild `moe`'s architecture, from the run's `model` config group."""
+    ffn, projections = moe_layers(moe, "ffn"), moe_layers(moe, "attention")
+    adapter = {k: v for k, v in model_cfg.items() if k not in HUB_ONLY_KEYS}
+    adapter["pretrained"] = False  # the weights come from the folder
+    return {"family": model_cfg["family"], "adapter": adapter, "num_labels": num_labels,
+            "experts": {"num_experts": ffn[0].num_experts, "expert_size": ffn[0].expert_size,
+                        "router_hidden": ffn[0].router.net[0].out_features, "router_kind": router_kind,
+                        "activation": activation,
+                        "attention": None if attention is None else
+                        {"num_experts": projections[0].num_experts, "router_hidden": attention[1]}}}
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> ConvertedModel:
+    folder = Path(path)
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: no {name}; a converted model folder holds {CONFIG} and {WEIGHTS} "
+                                    "(written by `d2dmoe convert` or save_pretrained)")
+    try:
+        spec = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / CONFIG}: not valid JSON ({err})") from err
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG}: format {spec.get('format')!r}; this version reads format {FORMAT}")
+    adapter_args = dict(spec["adapter"])
+    if spec["family"] != "vit":  # transformers: config.json and the tokenizer are in the folder
+        adapter_args["path"] = str(folder)
+    adapter = instantiate(adapter_args)
+    model = adapter.build(spec["num_labels"], weights=False)
+    e = spec["experts"]
+    attention = e["attention"]
+    if attention:
+        install_projection_mlps(adapter, model)
+    adapter.install_ffns(model, nn.ReLU() if e["activation"] == "relu" else None)
+    moe_skeleton(adapter, model, e["num_experts"], e["router_hidden"], e["router_kind"],
+                 (attention["num_experts"], attention["router_hidden"]) if attention else None)
+    try:
+        load_model(model, str(folder / WEIGHTS), device=str(device))
+    except Exception as err:
+        raise ValueError(f"{folder / WEIGHTS} does not match the architecture {CONFIG} describes "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
+    return ConvertedModel(model.to(device).eval(), adapter, spec).to(device)

@@ -1,0 +1,125 @@
+"""Converted models as folders: save -> load gives the same outputs for every family, without the
+training config; the operating point moves at run time; the chosen tau meets the budget on held-out
+data; broken folders give clear errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import d2dmoe
+from d2dmoe import pipeline
+from d2dmoe.export import CONFIG, WEIGHTS, ConvertedModel, choose_tau, model_spec, save
+from d2dmoe.moe import DynamicKGate, set_gate
+from d2dmoe.phases.evaluate import Evaluation
+from d2dmoe.phases.split import split_model
+from tests.conftest import compose_config
+from tests.test_attention import batch_for, build, mlp_model, tiny
+
+MODEL_CFGS = {  # the run's `model` config group, as model_spec receives it
+    "bert": lambda a: {"_target_": "d2dmoe.models.BertAdapter", "name": "tiny_bert", "family": "bert",
+                       "path": a.path, "pretrained": False, "config": a.config_overrides},
+    "gpt2": lambda a: {"_target_": "d2dmoe.models.GPT2Adapter", "name": "tiny_gpt2", "family": "gpt2",
+                       "path": None, "pretrained": False, "config": a.config_overrides},
+    "vit": lambda a: {"_target_": "d2dmoe.models.VitAdapter", "name": "tiny_vit", "family": "vit",
+                      "path": a.path, "pretrained": False, "config": a.config_overrides},
+}
+
+
+def converted(family: str, attention: bool):
+    adapter = tiny(family, attn="sdpa")
+    if attention:
+        model = mlp_model(family, adapter)
+    else:
+        model = adapter.install_ffns(build(family, adapter), nn.ReLU()).eval()
+    split_model(adapter, model, num_experts=8, router_hidden=16, n_init=1, attention=(4, 8) if attention else None)
+    for p in model.parameters():  # routers trained or not, every weight must come back
+        p.data.add_(torch.randn_like(p) * 0.01)
+    num_labels = None if family == "gpt2" else 3
+    spec = {**model_spec(MODEL_CFGS[family](adapter), model, num_labels, "relu", "regression",
+                         (4, 8) if attention else None),
+            "metric": "loss" if family == "gpt2" else "accuracy", "tau": 0.3, "budget": 0.5,
+            "calibration": [{"tau": 0.0, "rel_cost": 1.0, "value": 0.9}, {"tau": 0.3, "rel_cost": 0.5, "value": 0.88},
+                            {"tau": 1.0, "rel_cost": 0.3, "value": 0.6}],
+            "measured": {"split": "test", "rel_cost": 0.5, "value": 0.88, "dense_value": 0.9, "experts_per_token": 2.0}}
+    return adapter, model, spec
+
+
+@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "vit"])
+def test_save_then_load_gives_identical_outputs(family, attention, tmp_path):
+    adapter, model, spec = converted(family, attention)
+    batch = batch_for(family)
+    set_gate(model, DynamicKGate(0.3))
+    with torch.no_grad():
+        expected = adapter.forward(model, batch)
+    save(tmp_path / "m", model, spec)
+    loaded = d2dmoe.load(tmp_path / "m")
+    assert isinstance(loaded, ConvertedModel) and loaded.tau == 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), expected)
+        loaded.set_tau(0.0)  # every expert: a different, larger computation
+        assert not torch.allclose(loaded(**batch), expected)
+    loaded.save_pretrained(tmp_path / "again")
+    again = ConvertedModel.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        again.set_tau(0.3)
+        torch.testing.assert_close(again(**batch), expected)
+
+
+def test_set_budget_picks_the_best_tau_within_it():
+    rows = [{"tau": 0.0, "rel_cost": 1.0, "value": 0.9}, {"tau": 0.2, "rel_cost": 0.6, "value": 0.9},
+            {"tau": 0.5, "rel_cost": 0.45, "value": 0.85}, {"tau": 1.0, "rel_cost": 0.3, "value": 0.6}]
+    assert choose_tau(rows, 0.7, "accuracy")["tau"] == 0.2  # ties in value go to the cheaper
+    assert choose_tau(rows, 0.5, "accuracy")["tau"] == 0.5
+    assert choose_tau(rows, 0.1, "accuracy")["tau"] == 1.0  # nothing fits: the cheapest
+    losses = [{**r, "value": 5 - r["value"]} for r in rows]
+    assert choose_tau(losses, 0.5, "loss")["tau"] == 0.5
+    adapter, model, spec = converted("bert", False)
+    m = ConvertedModel(model, adapter, spec)
+    assert m.set_budget(0.4) == 1.0 and m.tau == 1.0
+
+
+def test_broken_folders_give_clear_errors(tmp_path):
+    _adapter, model, spec = converted("bert", False)
+    folder = save(tmp_path / "m", model, spec)
+    broken = tmp_path / "no_weights"
+    shutil.copytree(folder, broken)
+    (broken / WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS}"):
+        d2dmoe.load(broken)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(folder, mismatched)
+    s = json.loads((mismatched / CONFIG).read_text())
+    s["experts"]["num_experts"] = 4
+    (mismatched / CONFIG).write_text(json.dumps(s))
+    with pytest.raises(ValueError, match=f"{WEIGHTS} does not match the architecture {CONFIG} describes"):
+        d2dmoe.load(mismatched)
+    (mismatched / CONFIG).write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        d2dmoe.load(mismatched)
+
+
+def test_convert_command_meets_the_budget_on_held_out_data(tmp_path):
+    """`d2dmoe convert` on the smoke config: tau chosen on validation; on the test split the cost
+    stays within the budget plus a stated tolerance of 0.05; `d2dmoe info` reports it; the saved
+    model loads and reproduces the test metric it reports."""
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "d2dmoe.console", "convert", "experiment=smoke", "convert.budget=0.9",
+           f"convert.out={out}", f"artifacts_dir={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spec = json.loads((out / CONFIG).read_text())
+    val = next(r for r in spec["calibration"] if r["tau"] == spec["tau"])
+    assert val["rel_cost"] <= 0.9 and spec["measured"]["rel_cost"] <= 0.9 + 0.05
+    info = subprocess.run([sys.executable, "-m", "d2dmoe.console", "info", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert info.returncode == 0 and f"tau {spec['tau']:g}" in info.stdout and "rel_cost" in info.stdout
+    loaded = d2dmoe.load(out)
+    assert loaded.tau == spec["tau"]
+    ctx = pipeline.build_context(compose_config(["experiment=smoke"], artifacts_dir=tmp_path / "artifacts"))
+    ev = ctx.test(Evaluation(loaded.model, loaded.adapter, ctx.dims))
+    assert (ev.value, ev.macs / ev.dense_macs) == pytest.approx((spec["measured"]["value"], spec["measured"]["rel_cost"]))
