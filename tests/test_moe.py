@@ -221,3 +221,19 @@ def test_gather_without_autograd_equals_masked(gated):
     assert {key[0] for key in SCRATCH} >= ({"xs", "h", "y", "up"} if gated else {"xs", "h", "y"})
     free_scratch()
     assert not SCRATCH
+
+
+def test_gather_scratch_made_under_inference_mode_serves_plain_no_grad():
+    """Buffers allocated during an inference-mode evaluation are replaced, not written into, when
+    the gather later runs under plain no_grad."""
+    from d2dmoe.moe import free_scratch
+
+    torch.manual_seed(4)
+    moe, _ = split_ffn(FFN(nn.Linear(16, 48), nn.Linear(48, 16), nn.ReLU()), 6)
+    x, mask = torch.randn(2, 5, 16), torch.rand(2, 5, 6) < 0.5
+    mask[..., 0] = True
+    with torch.inference_mode():
+        moe.gathered(x, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.gathered(x, mask), moe.masked(x, mask), rtol=1e-5, atol=1e-5)
+    free_scratch()

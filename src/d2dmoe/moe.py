@@ -224,7 +224,9 @@ def scratch(name: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tens
     size = shape[0] * shape[1]
     key = (name, like.device, like.dtype)
     buf = SCRATCH.get(key)
-    if buf is None or buf.numel() < size:
+    # a buffer made under inference mode (Lightning's evaluation) cannot be written outside it
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or buf.numel() < size or stale:
         SCRATCH.pop(key, None)  # free the old one before allocating the larger
         buf = SCRATCH[key] = like.new_empty(max(size, 1))
     return buf[:size].view(shape)
