@@ -24,13 +24,21 @@ MODEL_CFGS = {  # the run's `model` config group, as model_spec receives it
                        "path": a.path, "pretrained": False, "config": a.config_overrides},
     "gpt2": lambda a: {"_target_": "d2dmoe.models.GPT2Adapter", "name": "tiny_gpt2", "family": "gpt2",
                        "path": None, "pretrained": False, "config": a.config_overrides},
+    "llama": lambda a: {"_target_": "d2dmoe.models.LlamaAdapter", "name": "tiny_llama", "family": "llama",
+                        "path": None, "pretrained": False, "config": a.config_overrides},
     "vit": lambda a: {"_target_": "d2dmoe.models.VitAdapter", "name": "tiny_vit", "family": "vit",
                       "path": a.path, "pretrained": False, "config": a.config_overrides},
 }
 
 
+def tiny_llama():
+    from tests.test_families import tiny as tiny_lm
+
+    return tiny_lm("llama", attn="sdpa")
+
+
 def converted(family: str, attention: bool):
-    adapter = tiny(family, attn="sdpa")
+    adapter = tiny_llama() if family == "llama" else tiny(family, attn="sdpa")
     if attention:
         model = mlp_model(family, adapter)
     else:
@@ -38,21 +46,21 @@ def converted(family: str, attention: bool):
     split_model(adapter, model, num_experts=8, router_hidden=16, n_init=1, attention=(4, 8) if attention else None)
     for p in model.parameters():  # routers trained or not, every weight must come back
         p.data.add_(torch.randn_like(p) * 0.01)
-    num_labels = None if family == "gpt2" else 3
+    num_labels = None if family in ("gpt2", "llama") else 3
     spec = {**model_spec(MODEL_CFGS[family](adapter), model, num_labels, "relu", "regression",
                          (4, 8) if attention else None),
-            "metric": "loss" if family == "gpt2" else "accuracy", "tau": 0.3, "budget": 0.5,
+            "metric": "loss" if family in ("gpt2", "llama") else "accuracy", "tau": 0.3, "budget": 0.5,
             "calibration": [{"tau": 0.0, "rel_cost": 1.0, "value": 0.9}, {"tau": 0.3, "rel_cost": 0.5, "value": 0.88},
                             {"tau": 1.0, "rel_cost": 0.3, "value": 0.6}],
             "measured": {"split": "test", "rel_cost": 0.5, "value": 0.88, "dense_value": 0.9, "experts_per_token": 2.0}}
     return adapter, model, spec
 
 
-@pytest.mark.parametrize("attention", [False, True])
-@pytest.mark.parametrize("family", ["bert", "gpt2", "vit"])
+@pytest.mark.parametrize("family, attention", [("bert", False), ("bert", True), ("gpt2", False), ("gpt2", True),
+                                               ("vit", False), ("vit", True), ("llama", False)])
 def test_save_then_load_gives_identical_outputs(family, attention, tmp_path):
     adapter, model, spec = converted(family, attention)
-    batch = batch_for(family)
+    batch = batch_for("gpt2" if family == "llama" else family)
     set_gate(model, DynamicKGate(0.3))
     with torch.no_grad():
         expected = adapter.forward(model, batch)
