@@ -253,3 +253,15 @@ def test_penalty_adds_the_projection_mlps_as_their_own_group():
     torch.testing.assert_close(grouped_penalty([ffn, attention], mask, "hoyer"), by_hand)
     torch.testing.assert_close(grouped_penalty([ffn, []], mask, "hoyer"),
                                sum(square_hoyer(a)[0, :2].mean() for a in ffn) / 2)
+
+
+def test_printed_table_shows_attention_columns_only_when_converted():
+    from d2dmoe.results import table
+
+    point = {"method": "d2dmoe", "rule": "dynk", "tau": 0.3, "k": None, "alpha": 0.01, "num_experts": 8,
+             "experts_per_token": 2.0, "attention": False, "attention_experts_per_token": None, "macs": 10.0,
+             "rel_cost": 0.5, "value": 0.9, "metric": "accuracy"}
+    assert "attention" not in table([point]).splitlines()[0]
+    converted = {**point, "attention": True, "attention_experts_per_token": 3.5}
+    header, _, row = table([converted]).splitlines()
+    assert "attention_experts_per_token" in header and "3.5" in row

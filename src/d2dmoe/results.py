@@ -122,8 +122,10 @@ def fmt(v) -> str:
 
 
 def table(points: list[dict]) -> str:
-    rows = [[fmt(p.get(k)) for k in TABLE_KEYS] for p in points]
-    header = list(TABLE_KEYS[:-1]) + [points[0]["metric"]]
+    converted = any(p.get("attention") for p in points)  # the attention columns only when they say something
+    keys = [k for k in TABLE_KEYS if converted or not k.startswith("attention")]
+    rows = [[fmt(p.get(k)) for k in keys] for p in points]
+    header = keys[:-1] + [points[0]["metric"]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
