@@ -42,14 +42,15 @@ class Evaluation(L.LightningModule):
         tokens = mask.sum(-1)
         self.samples += len(mask)
         self.dense_macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
-        if moe_layers(self.model):
+        moes = moe_layers(self.model)  # one walk over the modules per batch
+        if moes:
             self.macs_sum += float(moe_model_macs(self.adapter, self.model, mask, self.dims).sum())
             for kind in self.pairs:
-                if moes := moe_layers(self.model, kind):
-                    self.pairs[kind] += sum(float(executed_pairs(m, mask).sum()) for m in moes) / len(moes)
+                if of_kind := [m for m in moes if m.kind == kind]:
+                    self.pairs[kind] += sum(float(executed_pairs(m, mask).sum()) for m in of_kind) / len(of_kind)
             self.tokens += float(tokens.sum())
             if self.expert_use is not None:
-                masks = [m.last_mask for m in moe_layers(self.model, "ffn")]
+                masks = [m.last_mask for m in moes if m.kind == "ffn"]
                 self.expert_use.update(masks, mask, batch.get("pixel_values"))
         else:
             self.macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
