@@ -112,22 +112,30 @@ def test_broken_folders_give_clear_errors(tmp_path):
 
 
 def test_convert_command_meets_the_budget_on_held_out_data(tmp_path):
-    """`d2dmoe convert` on the smoke config: tau chosen on validation; on the test split the cost
-    stays within the budget plus a stated tolerance of 0.05; `d2dmoe info` reports it; the saved
-    model loads and reproduces the test metric it reports."""
+    """`d2dmoe convert` on the smoke config, with a tau per layer too: each operating point chosen on
+    validation; on the test split the cost stays within the budget plus a stated tolerance of 0.05,
+    for the saved per-layer taus and for the global tau reported beside them; `d2dmoe info` reports
+    both; the saved model loads and reproduces the test metric it reports."""
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "d2dmoe.console", "convert", "experiment=smoke", "convert.budget=0.9",
-           f"convert.out={out}", f"artifacts_dir={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}"]
+           "convert.per_layer=true", f"convert.out={out}", f"artifacts_dir={tmp_path / 'artifacts'}",
+           f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     spec = json.loads((out / CONFIG).read_text())
     val = next(r for r in spec["calibration"] if r["tau"] == spec["tau"])
+    assert val["rel_cost"] <= 0.9 and spec["global_measured"]["rel_cost"] <= 0.9 + 0.05
+    val = next(r for r in spec["layer_calibration"] if r["taus"] == spec["layer_taus"])
     assert val["rel_cost"] <= 0.9 and spec["measured"]["rel_cost"] <= 0.9 + 0.05
     info = subprocess.run([sys.executable, "-m", "d2dmoe.console", "info", str(out)], capture_output=True,
                           text=True, timeout=120)
-    assert info.returncode == 0 and f"tau {spec['tau']:g}" in info.stdout and "rel_cost" in info.stdout
+    assert info.returncode == 0 and "a tau per MoE layer" in info.stdout and f"one global tau {spec['tau']:g}" in info.stdout
     loaded = d2dmoe.load(out)
-    assert loaded.tau == spec["tau"]
+    assert loaded.layer_taus == spec["layer_taus"]
     ctx = pipeline.build_context(compose_config(["experiment=smoke"], artifacts_dir=tmp_path / "artifacts"))
     ev = ctx.test(Evaluation(loaded.model, loaded.adapter, ctx.dims))
     assert (ev.value, ev.macs / ev.dense_macs) == pytest.approx((spec["measured"]["value"], spec["measured"]["rel_cost"]))
+    loaded.set_tau(spec["tau"])
+    ev = ctx.test(Evaluation(loaded.model, loaded.adapter, ctx.dims))
+    g = spec["global_measured"]
+    assert (ev.value, ev.macs / ev.dense_macs) == pytest.approx((g["value"], g["rel_cost"]))

@@ -6,7 +6,9 @@
 `convert` is a Hydra job like run.py (the same config groups, reusing the same artifacts): it runs
 the phases, measures every `routing.taus` value on the validation split, picks the tau with the
 best validation metric whose validation rel_cost is within the budget, measures that tau on the
-test split and saves the model (export.py).
+test split and saves the model (export.py). With `convert.per_layer=true` it also calibrates a tau
+per MoE layer (calibrate.py), picks among those the same way, saves that, and reports the global
+tau's test numbers beside it.
 """
 from __future__ import annotations
 
@@ -40,35 +42,42 @@ def main(argv: list[str] | None = None) -> int:
 
 def convert_job(cfg: DictConfig) -> dict:
     from . import pipeline
+    from .calibrate import layer_calibration, measure, set_layer_taus
     from .export import choose_tau, model_spec, save
     from .moe import DynamicKGate, free_scratch, set_gate, set_impl
-    from .phases.evaluate import Evaluation
     from .validate import ConfigError, check_config
 
     check_config(cfg)
     budget = cfg.convert.budget
     if budget is None or budget <= 0:
         raise ConfigError("convert.budget", f"a target rel_cost > 0 (e.g. 0.5), got {budget}")
+    if cfg.convert.per_layer and not all(0 <= t <= 1 for t in cfg.convert.layer_taus):
+        raise ConfigError("convert.layer_taus", f"taus in [0, 1], got {list(cfg.convert.layer_taus)}")
     ctx, dense, moe = pipeline.convert(cfg)
     metric = ctx.adapter.task.metric
     set_impl(moe, cfg.experts.impl)
     calibration = []
     for tau in cfg.routing.taus:
         set_gate(moe, DynamicKGate(float(tau)))
-        ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims), split="validation")
-        calibration.append({"tau": float(tau), "rel_cost": ev.macs / ev.dense_macs, "value": ev.value})
+        calibration.append({"tau": float(tau), **measure(ctx, moe, "validation")})
     chosen = choose_tau(calibration, budget, metric)
     set_gate(moe, DynamicKGate(chosen["tau"]))
-    test = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims))
-    reference = ctx.test(Evaluation(dense.eval(), ctx.adapter, ctx.dims))
+    test = measure(ctx, moe)
+    operating = {"tau": chosen["tau"], "layer_taus": None}
+    if cfg.convert.per_layer:  # a tau per layer, chosen the same way; the global choice kept for comparison
+        layer_rows = layer_calibration(ctx, moe, list(cfg.convert.layer_taus), calibration)
+        chosen_layers = choose_tau(layer_rows, budget, metric)
+        set_layer_taus(moe, chosen_layers["taus"])
+        global_test, test = test, measure(ctx, moe)
+        operating.update(layer_taus=chosen_layers["taus"], layer_calibration=layer_rows,
+                         global_measured={"split": "test", **global_test})
+    reference = measure(ctx, dense)
     free_scratch()
-    measured = {"split": "test", "rel_cost": test.macs / test.dense_macs, "value": test.value,
-                "dense_value": reference.value, "experts_per_token": test.experts_per_token}
+    measured = {"split": "test", **test, "dense_value": reference["value"]}
     spec = {**model_spec(OmegaConf.to_container(cfg.model, resolve=True), moe, ctx.dims.num_labels
                          if metric != "loss" else None, cfg.sparsity.activation, cfg.routing.router.kind,
                          pipeline.attention_experts(cfg)),
-            "metric": metric, "tau": chosen["tau"], "budget": budget, "calibration": calibration,
-            "measured": measured}
+            "metric": metric, "budget": budget, "calibration": calibration, **operating, "measured": measured}
     out = save(cfg.convert.out, moe, spec, ctx.data.tokenizer)
     print(f"\n{info(out)}\n", flush=True)
     return spec
@@ -87,12 +96,24 @@ def info(path: str | Path) -> str:
              f"experts: {e['num_experts']} per FFN of {e['expert_size']} neurons, router {e['router_kind']} "
              f"(hidden {e['router_hidden']}), activation {e['activation']}"
              + (f"; attention projections: {e['attention']['num_experts']} experts each" if e["attention"] else ""),
-             f"tau {spec['tau']:g} (budget {spec['budget']:g}, chosen on validation)",
-             (f"{m['split']}: rel_cost {m['rel_cost']:.4f}, {spec['metric']} {m['value']:.4f} "
-             f"(dense {m['dense_value']:.4f}), {m['experts_per_token']:.2f} experts per token"),
-             "validation calibration: " + ", ".join(f"tau {r['tau']:g}: {r['rel_cost']:.3f} / {r['value']:.4f}"
-                                                     for r in spec["calibration"])]
+             f"tau {spec['tau']:g} (budget {spec['budget']:g}, chosen on validation)"]
+    if spec.get("layer_taus"):
+        g = spec["global_measured"]
+        lines[-1] = (f"a tau per MoE layer (budget {spec['budget']:g}, chosen on validation): "
+                     + " ".join(f"{t:g}" for t in spec["layer_taus"]))
+        lines.append(f"{g['split']} with one global tau {spec['tau']:g} instead: rel_cost {g['rel_cost']:.4f}, "
+                     f"{spec['metric']} {g['value']:.4f}")
+    lines += [(f"{m['split']}: rel_cost {m['rel_cost']:.4f}, {spec['metric']} {m['value']:.4f} "
+               f"(dense {m['dense_value']:.4f}), {m['experts_per_token']:.2f} experts per token"),
+              "validation, global tau (rel_cost / metric): " + ", ".join(f"tau {r['tau']:g}: {scored(r)}" for r in spec["calibration"])]
+    if spec.get("layer_calibration"):
+        lines.append("validation, a tau per layer at each global tau's predicted cost: "
+                     + ", ".join(f"tau {r['tau']:g}: {scored(r)}" for r in spec["layer_calibration"]))
     return "\n".join(lines)
+
+
+def scored(row: dict) -> str:
+    return f"{row['rel_cost']:.3f} / {row['value']:.4f}"
 
 
 if __name__ == "__main__":

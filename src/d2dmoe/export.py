@@ -3,8 +3,9 @@
     folder/
       model.safetensors   every weight of the MoE model (experts, routers, the rest)
       d2dmoe.json         family, how to rebuild the architecture (adapter settings, experts per
-                          layer, router shapes, activation), the operating tau, and the calibration
-                          table (validation rel_cost and metric at each tau) that `set_budget` reads
+                          layer, router shapes, activation), the operating tau (or `layer_taus`, one
+                          per MoE layer), and the calibration tables (validation rel_cost and metric
+                          at each operating point) that `set_budget` reads
       config.json, tokenizer files   (transformers families) the architecture's own config and tokenizer
 
 `load(folder)` (or `ConvertedModel.from_pretrained`) rebuilds the module and loads the weights;
@@ -21,6 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .attention import install_projection_mlps
+from .calibrate import set_layer_taus
 from .moe import DynamicKGate, moe_layers, set_gate, set_impl
 from .phases.split import moe_skeleton
 
@@ -37,7 +39,10 @@ class ConvertedModel(nn.Module):
         super().__init__()
         self.model, self.adapter, self.spec = model, adapter, spec
         set_impl(model, "gather")
-        self.set_tau(spec["tau"])
+        if spec.get("layer_taus"):
+            self.set_layer_taus(spec["layer_taus"])
+        else:
+            self.set_tau(spec["tau"])
 
     def forward(self, **batch) -> torch.Tensor:
         return self.adapter.forward(self.model, batch)
@@ -45,11 +50,22 @@ class ConvertedModel(nn.Module):
     def set_tau(self, tau: float) -> None:
         """Dynamic-k threshold of every MoE layer (0 runs every expert, 1 only the top one)."""
         set_gate(self.model, DynamicKGate(float(tau)))
-        self.tau = float(tau)
+        self.tau, self.layer_taus = float(tau), None
 
-    def set_budget(self, budget: float) -> float:
-        """The tau with the best validation metric whose validation rel_cost is within `budget`
-        (the cheapest tau when none is); sets it and returns it."""
+    def set_layer_taus(self, taus: list[float]) -> None:
+        """A dynamic-k threshold per MoE layer, in module order."""
+        set_layer_taus(self.model, taus)
+        self.tau, self.layer_taus = None, [float(t) for t in taus]
+
+    def set_budget(self, budget: float) -> float | list[float]:
+        """The operating point with the best validation metric whose validation rel_cost is within
+        `budget` (the cheapest when none is): among the per-layer calibration when the model was
+        converted with one (`convert.per_layer`), else among the global taus. Sets it and returns
+        the tau, or the list of per-layer taus."""
+        if self.spec.get("layer_calibration"):
+            taus = choose_tau(self.spec["layer_calibration"], budget, self.spec["metric"])["taus"]
+            self.set_layer_taus(taus)
+            return taus
         tau = choose_tau(self.spec["calibration"], budget, self.spec["metric"])["tau"]
         self.set_tau(tau)
         return tau
