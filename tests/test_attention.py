@@ -1,5 +1,6 @@
 """Attention projections as MLPs, then MoE layers (attention.convert): the replacement's size, exact
 equivalences along the way, the cost against FlopCounterMode, distillation, configs and artifacts."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -159,10 +160,12 @@ def test_cost_of_a_converted_model_with_every_expert_matches_flop_counter(family
         assert dense_macs(adapter, tokens, dims).item() > adapter.projection_macs(tokens, dims).item()
 
 
+ATTENTION_SMOKE = ["experiment=smoke", "attention.convert=true", "attention.num_experts=4", "attention.router_hidden=8",
+                   "attention.epochs=4", "attention.lr=1e-2"]
+
+
 def attention_cfg(tmp_path, *overrides):
-    return compose_config(["experiment=smoke", "attention.convert=true", "attention.num_experts=4",
-                           "attention.router_hidden=8", "attention.epochs=4", "attention.lr=1e-2", *overrides],
-                          artifacts_dir=tmp_path / "artifacts")
+    return compose_config([*ATTENTION_SMOKE, *overrides], artifacts_dir=tmp_path / "artifacts")
 
 
 def test_pipeline_with_attention_conversion(tmp_path, monkeypatch):
@@ -196,6 +199,22 @@ def test_pipeline_with_attention_conversion(tmp_path, monkeypatch):
     again = pipeline.run(attention_cfg(tmp_path)).points
     assert [(p["value"], p["macs"]) for p in again] == [(p["value"], p["macs"]) for p in points]
 
+    # experiments/attention_diagnosis.py on the same artifacts: with every expert on, the oracle and
+    # the learned routers give the same model; the oracle scores are the true expert norms
+    script = Path(__file__).resolve().parents[1] / "experiments" / "attention_diagnosis.py"
+    spec = importlib.util.spec_from_file_location("attention_diagnosis", script)  # experiments/ is no package
+    attention_diagnosis = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attention_diagnosis)
+    monkeypatch.chdir(tmp_path)
+    assert attention_diagnosis.main([*ATTENTION_SMOKE, f"artifacts_dir={tmp_path / 'artifacts'}"]) == 0
+    rows = json.loads((tmp_path / "figures/attention_diagnosis.json").read_text())["rows"]
+    oracle = {r["attention_tau"]: r for r in rows if r["router"] == "oracle"}
+    learned = {r["attention_tau"]: r for r in rows if r["router"] == "learned" and r["ffn_tau"] == 0}
+    assert oracle.keys() == learned.keys() and oracle[0.0] == {**learned[0.0], "router": "oracle"}
+    moe = moe_layers(ctx.new_model("moe"), "attention")[0]
+    x = torch.randn(5, moe.d)
+    torch.testing.assert_close(attention_diagnosis.OracleScores(moe)(x), moe.expert_norms(x))
+
 
 def test_without_conversion_the_artifact_chain_is_unchanged(tmp_path):
     """attention.convert=false adds nothing to any hash: existing artifacts keep their names."""
@@ -223,6 +242,8 @@ def test_bad_attention_settings_fail_before_compute():
         check_config(compose_config(["attention.convert=true", "attention.router_hidden=0"]))
     with pytest.raises(ConfigError, match="attention.init"):
         check_config(compose_config(["attention.convert=true", "attention.init=zeros"]))
+    with pytest.raises(ConfigError, match="sparsity.attention_scale"):
+        check_config(compose_config(["attention.convert=true", "sparsity.attention_scale=-1"]))
 
 
 def test_only_square_projections_convert():
@@ -253,6 +274,8 @@ def test_penalty_adds_the_projection_mlps_as_their_own_group():
     torch.testing.assert_close(grouped_penalty([ffn, attention], mask, "hoyer"), by_hand)
     torch.testing.assert_close(grouped_penalty([ffn, []], mask, "hoyer"),
                                sum(square_hoyer(a)[0, :2].mean() for a in ffn) / 2)
+    weighted = sum(square_hoyer(a)[0, :2].mean() for a in ffn) / 2 + 8 * square_hoyer(attention[0])[0, :2].mean()
+    torch.testing.assert_close(grouped_penalty([ffn, attention], mask, "hoyer", [1.0, 8.0]), weighted)
 
 
 def test_printed_table_shows_attention_columns_only_when_converted():

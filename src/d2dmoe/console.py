@@ -105,7 +105,8 @@ def info(path: str | Path) -> str:
                      f"{spec['metric']} {g['value']:.4f}")
     lines += [(f"{m['split']}: rel_cost {m['rel_cost']:.4f}, {spec['metric']} {m['value']:.4f} "
                f"(dense {m['dense_value']:.4f}), {m['experts_per_token']:.2f} experts per token"),
-              "validation, global tau (rel_cost / metric): " + ", ".join(f"tau {r['tau']:g}: {scored(r)}" for r in spec["calibration"])]
+              "validation, global tau (rel_cost / metric): "
+              + ", ".join(f"tau {r['tau']:g}: {scored(r)}" for r in spec["calibration"])]
     if spec.get("layer_calibration"):
         lines.append("validation, a tau per layer at each global tau's predicted cost: "
                      + ", ".join(f"tau {r['tau']:g}: {scored(r)}" for r in spec["layer_calibration"]))

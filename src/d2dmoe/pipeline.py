@@ -34,7 +34,7 @@ EXPERT_KEYS_IGNORED = ("impl",)  # how experts execute changes no weights
 ATTENTION_SPLIT_KEYS = ("convert", "num_experts", "router_hidden")  # not the distillation's settings
 # settings added after artifacts already existed: left out of the hash while they keep the behaviour
 # that came before them, so those artifacts keep their names
-ADDED_WITH_DEFAULT = {"sparsity": {"activation": "relu"}, "router": {"kind": "regression"}}
+ADDED_WITH_DEFAULT = {"sparsity": {"activation": "relu", "attention_scale": 1.0}, "router": {"kind": "regression"}}
 
 
 def plain(node) -> dict:
@@ -182,7 +182,7 @@ def sparsify(ctx: Context, base: nn.Module):
     model = ctx.adapter.install_ffns(copy.deepcopy(base), sparse_activation(ctx.cfg))  # base stays as it is
     s = ctx.cfg.sparsity
     module = TaskTraining(model, ctx.adapter, s.lr, s.weight_decay, s.warmup_fraction, s.penalty, s.alpha,
-                          s.schedule)
+                          s.schedule, s.attention_scale)
     trainer = ctx.fit(module, s, "sparsify")
     return model, metrics(trainer)
 

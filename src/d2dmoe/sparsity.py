@@ -35,11 +35,14 @@ def penalty(activations: list[torch.Tensor], mask: torch.Tensor, kind: str) -> t
     return torch.stack([masked_token_mean(fn(a), mask) for a in activations]).mean()
 
 
-def grouped_penalty(groups: list[list[torch.Tensor]], mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """The sum over groups of layers (the FFNs; the MLPs that replaced attention projections) of each
-    group's `penalty`: converting the attention projections adds their own term and leaves the FFNs'
-    as strong as it is without them (a mean over all layers would dilute it 5x for MiniLM)."""
-    return sum(penalty(group, mask, kind) for group in groups if group)
+def grouped_penalty(groups: list[list[torch.Tensor]], mask: torch.Tensor, kind: str,
+                    weights: list[float] | None = None) -> torch.Tensor:
+    """The weighted sum over groups of layers (the FFNs; the MLPs that replaced attention
+    projections) of each group's `penalty`: converting the attention projections adds their own
+    term and leaves the FFNs' as strong as it is without them (a mean over all layers would dilute
+    it 5x for MiniLM). weights: one per group, 1 when not given."""
+    weights = [1.0] * len(groups) if weights is None else weights
+    return sum(w * penalty(group, mask, kind) for group, w in zip(groups, weights) if group)
 
 
 def alpha_at(alpha: float, schedule: str, step: int, total_steps: int) -> float:

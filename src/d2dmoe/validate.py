@@ -27,6 +27,8 @@ def check_config(cfg: DictConfig) -> None:
     s = cfg.sparsity
     if s.alpha < 0:
         raise ConfigError("sparsity.alpha", f"must be >= 0, got {s.alpha}")
+    if s.attention_scale < 0:
+        raise ConfigError("sparsity.attention_scale", f"must be >= 0, got {s.attention_scale}")
     if s.penalty not in PENALTIES:
         raise ConfigError("sparsity.penalty", f"unknown penalty {s.penalty!r}; allowed: {sorted(PENALTIES)}")
     if s.schedule not in SCHEDULES:

@@ -15,12 +15,13 @@ class TaskTraining(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, adapter, lr: float, weight_decay: float = 0.01,
                  warmup_fraction: float = 0.1, penalty: str | None = None, alpha: float = 0.0,
-                 schedule: str = "linear_warmup"):
+                 schedule: str = "linear_warmup", attention_scale: float = 1.0):
         super().__init__()
         self.model = model.train()  # Lightning keeps the modes it is given: dropout on while fine-tuning
         self.adapter, self.task = adapter, adapter.task
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
         self.penalty_kind, self.alpha, self.schedule = penalty, alpha, schedule
+        self.attention_scale = attention_scale  # the projection MLPs' penalty weight, relative to the FFNs'
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         mask = self.adapter.token_mask(batch)
@@ -31,7 +32,7 @@ class TaskTraining(L.LightningModule):
             return loss
         with capture_activations(self.model, "ffn") as ffn, capture_activations(self.model, "attention") as attention:
             task = self.task.loss(self.adapter.forward(self.model, batch), batch, mask)
-        pen = grouped_penalty([ffn, attention], mask, self.penalty_kind)
+        pen = grouped_penalty([ffn, attention], mask, self.penalty_kind, [1.0, self.attention_scale])
         alpha_t = alpha_at(self.alpha, self.schedule, self.global_step, self.trainer.estimated_stepping_batches)
         loss = task + alpha_t * pen
         check_finite(self.phase, self.global_step, loss, task=task, penalty=pen, alpha=alpha_t)
