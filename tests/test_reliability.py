@@ -203,21 +203,32 @@ def test_joblib_sweep_jobs_share_upstream_artifacts(tmp_path):
     assert "waiting for" in logs and all(len(read_points(sweep / j / "points.jsonl")) == 4 for j in "01")
 
 
-def test_ddp_trains_sparsify_and_routers_on_two_cpu_processes(tmp_path):
-    """trainer=ddp: Lightning's ddp_spawn with 2 gloo processes on the CPU; the trained weights come
-    back to this process, which saves the artifacts and evaluates."""
+def test_ddp_and_fsdp_train_sparsify_and_routers_on_two_cpu_processes(tmp_path):
+    """trainer=ddp (Lightning's ddp_spawn) and trainer=fsdp (FSDP2 through Lightning's
+    ModelParallelStrategy, spawned) with 2 gloo processes on the CPU; the trained weights come back
+    to this process, which saves the artifacts and evaluates. Both average the same gradients over
+    the same batches, so FSDP's gathered weights equal DDP's: without the sharding's gradient
+    reduction each rank would train on its own half of the data and rank 0's weights would differ."""
     import json
 
     from safetensors.torch import load_file
 
-    cfg = compose_config(["experiment=smoke", "trainer=ddp", "dense.max_steps=0"], artifacts_dir=tmp_path)
-    points = pipeline.run(cfg).points
-    assert len(points) == 4
-    arts = pipeline.artifacts(cfg)
+    weights = {}
+    for trainer in ("ddp", "fsdp"):
+        cfg = compose_config(["experiment=smoke", f"trainer={trainer}", "dense.max_steps=0"],
+                             artifacts_dir=tmp_path / trainer)
+        points = pipeline.run(cfg).points
+        assert len(points) == 4
+        arts = pipeline.artifacts(cfg)
+        for phase in ("sparsify", "routers"):
+            assert json.loads((arts[phase].dir / "info.json").read_text())["world_size"] == 2
+        weights[trainer] = {p: load_file(arts[p].dir / "model.safetensors") for p in ("dense", "sparsify", "routers")}
+    ddp, fsdp = weights["ddp"], weights["fsdp"]
+    assert any(not torch.equal(ddp["dense"][k], ddp["sparsify"][k]) for k in ddp["dense"] if k in ddp["sparsify"])
     for phase in ("sparsify", "routers"):
-        assert json.loads((arts[phase].dir / "info.json").read_text())["world_size"] == 2
-    dense, sparse = (load_file(arts[p].dir / "model.safetensors") for p in ("dense", "sparsify"))
-    assert any(not torch.equal(dense[k], sparse[k]) for k in dense if k in sparse)  # trained, and returned
+        assert ddp[phase].keys() == fsdp[phase].keys()
+        for k in ddp[phase]:
+            torch.testing.assert_close(fsdp[phase][k], ddp[phase][k], rtol=1e-4, atol=1e-5, msg=f"{phase}: {k}")
 
 
 def test_batches_shard_across_ranks(monkeypatch):

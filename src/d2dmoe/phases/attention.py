@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from ..attention import distill_modules
+from ..sharded import shard_blocks
 from ..sparsity import masked_token_mean
 from .finetune import adamw_warmup_decay
 from .guard import check_finite
@@ -28,6 +29,9 @@ class AttentionDistillation(L.LightningModule):
         model.requires_grad_(False)
         for m in self.distills:
             m.mlp.requires_grad_(True)
+
+    def configure_model(self) -> None:
+        shard_blocks(self)  # trainer=fsdp only
 
     def train(self, mode: bool = True):
         super().train(mode)

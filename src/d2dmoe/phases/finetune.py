@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from ..sharded import shard_blocks
 from ..sparsity import alpha_at, capture_activations, grouped_penalty
 from .guard import check_finite
 
@@ -22,6 +23,9 @@ class TaskTraining(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
         self.penalty_kind, self.alpha, self.schedule = penalty, alpha, schedule
         self.attention_scale = attention_scale  # the projection MLPs' penalty weight, relative to the FFNs'
+
+    def configure_model(self) -> None:
+        shard_blocks(self)  # trainer=fsdp only
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         mask = self.adapter.token_mask(batch)

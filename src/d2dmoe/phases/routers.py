@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..moe import AllExperts, MoE, moe_layers, set_gate
+from ..sharded import shard
 from ..sparsity import masked_token_mean
 from .guard import check_finite
 
@@ -60,6 +61,12 @@ class RouterTraining(L.LightningModule):
         for moe in moe_layers(model):
             moe.router.requires_grad_(True)
         set_gate(model, AllExperts())  # targets are computed with every expert run (one masked matmul)
+
+    def configure_model(self) -> None:
+        # trainer=fsdp: only the routers train and get sharded; the frozen base stays whole on each
+        # rank, since the router targets read expert weights outside the forward, where FSDP keeps
+        # parameters sharded
+        shard(self, [moe.router for moe in moe_layers(self.model)])
 
     def train(self, mode: bool = True):
         super().train(mode)
