@@ -113,21 +113,25 @@ def test_concurrent_jobs_make_a_shared_artifact_once(tmp_path):
     assert all(torch.equal(o["weight"], outs[0]["weight"]) for o in outs)
 
 
-def test_a_run_killed_during_sparsify_resumes_to_the_same_points(tmp_path):
+@pytest.mark.parametrize("trainer", ["default", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_a_run_killed_during_sparsify_resumes_to_the_same_points(tmp_path, trainer):
     """SIGKILL after sparsify's third checkpoint (second epoch), run the same command again: it
     continues from that checkpoint (dense is not retrained) and ends with the points of a run that
-    was never interrupted."""
+    was never interrupted. With trainer=fsdp (2 spawned CPU processes) the whole process group is
+    killed, and the checkpoint holds the gathered full state."""
     import os
     import signal
     import time
 
     def command(name: str) -> list[str]:
         return [sys.executable, str(ROOT / "run.py"), "experiment=smoke", "data.limit_train=160",
-                "sparsity.max_steps=-1", "sparsity.epochs=3", "checkpoint_every=4",
-                f"artifacts_dir={tmp_path / name / 'artifacts'}", f"hydra.run.dir={tmp_path / name / 'run'}"]
+                "sparsity.max_steps=-1", "sparsity.epochs=3", f"checkpoint_every={4 if trainer == 'default' else 2}",
+                f"trainer={trainer}", f"artifacts_dir={tmp_path / name / 'artifacts'}",
+                f"hydra.run.dir={tmp_path / name / 'run'}"]
 
     work = tmp_path / "killed" / "artifacts" / ".work"
-    job = subprocess.Popen(command("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(command("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # its own process group: spawned workers die with it
     saves, last_mtime, deadline = 0, None, time.time() + 300
     while saves < 3 and time.time() < deadline and job.poll() is None:
         ckpts = list(work.glob("sparsify-*/last.ckpt"))
@@ -135,7 +139,7 @@ def test_a_run_killed_during_sparsify_resumes_to_the_same_points(tmp_path):
         if mtime is not None and mtime != last_mtime:
             saves, last_mtime = saves + 1, mtime
         time.sleep(0.002)
-    os.kill(job.pid, signal.SIGKILL)
+    os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     assert saves == 3, "the run ended before its third sparsify checkpoint"
     arts = tmp_path / "killed" / "artifacts"
