@@ -81,3 +81,17 @@ def test_converted_model_keeps_its_layer_taus(tmp_path):
     assert loaded.layer_taus is None and {m.gate.tau for m in moe_layers(loaded.model)} == {0.5}
     with pytest.raises(ValueError, match="1 taus for"):
         ConvertedModel(model, adapter, {**spec, "layer_taus": [0.2]})
+
+
+def test_profile_reads_only_the_batches_it_is_given(tmp_path):
+    """convert.profile_batches bounds the profile's cost (L x J forward passes per batch):
+    Context.test(batches=n) runs n batches of the split."""
+    from d2dmoe import pipeline
+    from d2dmoe.phases.evaluate import Evaluation
+    from tests.conftest import compose_config
+
+    ctx = pipeline.build_context(compose_config(["experiment=smoke", "data.eval_batch_size=8"], artifacts_dir=tmp_path))
+    model = ctx.new_model("dense").eval()
+    whole = ctx.test(Evaluation(model, ctx.adapter, ctx.dims), split="validation")
+    first = ctx.test(Evaluation(model, ctx.adapter, ctx.dims), split="validation", batches=1)
+    assert first.samples == len(next(iter(ctx.data.val_dataloader()))["labels"]) < whole.samples

@@ -122,12 +122,14 @@ def measure(ctx, model: nn.Module, split: str = "test") -> dict:
     return {"rel_cost": ev.macs / ev.dense_macs, "value": ev.value, "experts_per_token": ev.experts_per_token}
 
 
-def layer_calibration(ctx, moe: nn.Module, grid: list[float], global_rows: list[dict]) -> list[dict]:
+def layer_calibration(ctx, moe: nn.Module, grid: list[float], global_rows: list[dict],
+                      profile_batches: int | None = None) -> list[dict]:
     """For each global-tau validation row, the per-layer taus of least predicted divergence whose
     predicted cost is at most that tau's, measured on validation: rows {tau (the global tau it is
-    matched to), taus, rel_cost, value}."""
+    matched to), taus, rel_cost, value}. The profile (L x J forward passes per batch) reads the
+    first `profile_batches` validation batches (all when None); the measurements read them all."""
     grid = sorted({float(t) for t in grid} | {float(r["tau"]) for r in global_rows})
-    profile = ctx.test(LayerProfile(moe.eval(), ctx.adapter, grid), split="validation")
+    profile = ctx.test(LayerProfile(moe.eval(), ctx.adapter, grid), split="validation", batches=profile_batches)
     error, cost = profile.divergence, profile.experts * profile.expert_macs[:, None]  # [L, J] each
     path = allocate(error, cost)
     rows, measured = [], {}

@@ -53,6 +53,8 @@ def convert_job(cfg: DictConfig) -> dict:
         raise ConfigError("convert.budget", f"a target rel_cost > 0 (e.g. 0.5), got {budget}")
     if cfg.convert.per_layer and not all(0 <= t <= 1 for t in cfg.convert.layer_taus):
         raise ConfigError("convert.layer_taus", f"taus in [0, 1], got {list(cfg.convert.layer_taus)}")
+    if cfg.convert.profile_batches is not None and cfg.convert.profile_batches < 1:
+        raise ConfigError("convert.profile_batches", f"a batch count >= 1 or null (all), got {cfg.convert.profile_batches}")
     ctx, dense, moe = pipeline.convert(cfg)
     metric = ctx.adapter.task.metric
     set_impl(moe, cfg.experts.impl)
@@ -65,7 +67,8 @@ def convert_job(cfg: DictConfig) -> dict:
     test = measure(ctx, moe)
     operating = {"tau": chosen["tau"], "layer_taus": None}
     if cfg.convert.per_layer:  # a tau per layer, chosen the same way; the global choice kept for comparison
-        layer_rows = layer_calibration(ctx, moe, list(cfg.convert.layer_taus), calibration)
+        layer_rows = layer_calibration(ctx, moe, list(cfg.convert.layer_taus), calibration,
+                                       cfg.convert.profile_batches)
         chosen_layers = choose_tau(layer_rows, budget, metric)
         set_layer_taus(moe, chosen_layers["taus"])
         global_test, test = test, measure(ctx, moe)

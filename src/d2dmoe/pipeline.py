@@ -98,10 +98,11 @@ class Context:
             trainer.fit(module, datamodule=self.data, ckpt_path=ckpt, weights_only=True)
         return trainer
 
-    def test(self, module: Evaluation, split: str = "test") -> Evaluation:
-        """Run `module` over the test (or validation) split."""
+    def test(self, module: Evaluation, split: str = "test", batches: int | None = None) -> Evaluation:
+        """Run `module` over the test (or validation) split, or over its first `batches` batches."""
         # one process: the metric and cost sums accumulate in this module (trainer=ddp trains only)
-        trainer = instantiate(self.cfg.trainer, logger=False, strategy="auto", devices=1)
+        trainer = instantiate(self.cfg.trainer, logger=False, strategy="auto", devices=1,
+                              limit_test_batches=1.0 if batches is None else batches)
         with out_of_memory_hint("evaluate", self.data):
             if split == "test":
                 trainer.test(module, datamodule=self.data, verbose=False)
