@@ -118,8 +118,8 @@ def test_convert_command_meets_the_budget_on_held_out_data(tmp_path):
     both; the saved model loads and reproduces the test metric it reports."""
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "d2dmoe.console", "convert", "experiment=smoke", "convert.budget=0.9",
-           "convert.per_layer=true", "convert.profile_batches=1", f"convert.out={out}", f"artifacts_dir={tmp_path / 'artifacts'}",
-           f"hydra.run.dir={tmp_path / 'run'}"]
+           "convert.per_layer=true", "convert.profile_batches=1", f"convert.out={out}",
+           f"artifacts_dir={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     spec = json.loads((out / CONFIG).read_text())
