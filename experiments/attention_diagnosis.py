@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from d2dmoe import pipeline
 from d2dmoe.calibrate import measure
-from d2dmoe.moe import DynamicKGate, MoE, moe_layers, set_impl
+from d2dmoe.moe import MoE, moe_layers, set_impl, set_layer_taus
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT = ["experiment=fig_ablation_attention", "attention.convert=true"]
@@ -43,8 +43,7 @@ class OracleScores(torch.nn.Module):
 
 
 def gate(model: torch.nn.Module, ffn_tau: float, attention_tau: float) -> None:
-    for moe in moe_layers(model):
-        moe.gate = DynamicKGate(ffn_tau if moe.kind == "ffn" else attention_tau)
+    set_layer_taus(model, [ffn_tau if moe.kind == "ffn" else attention_tau for moe in moe_layers(model)])
 
 
 def main(overrides: list[str]) -> int:

@@ -100,7 +100,7 @@ def model_rows(overrides: list[str], repeats: int) -> list[dict]:
         set_gate(moe, DynamicKGate(float(tau)))
         ev = ctx.test(Evaluation(moe, adapter, ctx.dims))  # the counted cost of the same points
         ms, value = evaluate(moe)
-        rows.append({"tau": float(tau), "rel_cost": round(ev.macs / ev.dense_macs, 4),
+        rows.append({"tau": float(tau), "rel_cost": round(ev.rel_cost, 4),
                      "time_ratio": round(ms / dense_ms, 4), task.metric: value, "ms": round(ms, 1)})
     return rows
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import d2dmoe
-from d2dmoe.calibrate import LayerProfile, allocate, allocation_for, set_layer_taus
+from d2dmoe.calibrate import LayerProfile, allocate, allocation_for
 from d2dmoe.export import ConvertedModel, save
-from d2dmoe.moe import AllExperts, DynamicKGate, moe_layers, set_gate
+from d2dmoe.moe import AllExperts, DynamicKGate, moe_layers, set_gate, set_layer_taus
 from tests.test_attention import batch_for
 from tests.test_export import converted
 

@@ -23,16 +23,7 @@ import torch
 from torch import nn
 
 from .cost import expert_macs
-from .moe import AllExperts, DynamicKGate, moe_layers, set_gate
-
-
-def set_layer_taus(model: nn.Module, taus: list[float]) -> None:
-    """Give MoE layer i (module order) the dynamic-k gate of taus[i]."""
-    layers = moe_layers(model)
-    if len(taus) != len(layers):
-        raise ValueError(f"{len(taus)} taus for {len(layers)} MoE layers")
-    for moe, tau in zip(layers, taus):
-        moe.gate = DynamicKGate(float(tau))
+from .moe import AllExperts, DynamicKGate, moe_layers, set_gate, set_layer_taus
 
 
 def output_divergence(reference: torch.Tensor, logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -119,7 +110,7 @@ def measure(ctx, model: nn.Module, split: str = "test") -> dict:
     from .phases.evaluate import Evaluation
 
     ev = ctx.test(Evaluation(model.eval(), ctx.adapter, ctx.dims), split=split)
-    return {"rel_cost": ev.macs / ev.dense_macs, "value": ev.value, "experts_per_token": ev.experts_per_token}
+    return {"rel_cost": ev.rel_cost, "value": ev.value, "experts_per_token": ev.experts_per_token}
 
 
 def layer_calibration(ctx, moe: nn.Module, grid: list[float], global_rows: list[dict],

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def convert_job(cfg: DictConfig) -> dict:
     from . import pipeline
-    from .calibrate import layer_calibration, measure, set_layer_taus
+    from .calibrate import layer_calibration, measure
     from .export import choose_tau, model_spec, save
-    from .moe import DynamicKGate, free_scratch, set_gate, set_impl
+    from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
     from .validate import ConfigError, check_config
 
     check_config(cfg)
@@ -95,15 +95,16 @@ def info(path: str | Path) -> str:
         raise FileNotFoundError(f"{folder}: no {CONFIG} (not a converted model folder)")
     spec = json.loads((folder / CONFIG).read_text())
     e, m = spec["experts"], spec["measured"]
+    chosen = f"(budget {spec['budget']:g}, chosen on validation)"
+    operating = (f"a tau per MoE layer {chosen}: " + " ".join(f"{t:g}" for t in spec["layer_taus"])
+                 if spec.get("layer_taus") else f"tau {spec['tau']:g} {chosen}")
     lines = [f"{folder}: {spec['adapter'].get('name')} ({spec['family']}), metric {spec['metric']}",
              f"experts: {e['num_experts']} per FFN of {e['expert_size']} neurons, router {e['router_kind']} "
              f"(hidden {e['router_hidden']}), activation {e['activation']}"
              + (f"; attention projections: {e['attention']['num_experts']} experts each" if e["attention"] else ""),
-             f"tau {spec['tau']:g} (budget {spec['budget']:g}, chosen on validation)"]
+             operating]
     if spec.get("layer_taus"):
         g = spec["global_measured"]
-        lines[-1] = (f"a tau per MoE layer (budget {spec['budget']:g}, chosen on validation): "
-                     + " ".join(f"{t:g}" for t in spec["layer_taus"]))
         lines.append(f"{g['split']} with one global tau {spec['tau']:g} instead: rel_cost {g['rel_cost']:.4f}, "
                      f"{spec['metric']} {g['value']:.4f}")
     lines += [(f"{m['split']}: rel_cost {m['rel_cost']:.4f}, {spec['metric']} {m['value']:.4f} "

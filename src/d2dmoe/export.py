@@ -22,8 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .attention import install_projection_mlps
-from .calibrate import set_layer_taus
-from .moe import DynamicKGate, moe_layers, set_gate, set_impl
+from .moe import DynamicKGate, moe_layers, set_gate, set_impl, set_layer_taus
 from .phases.split import moe_skeleton
 
 CONFIG = "d2dmoe.json"

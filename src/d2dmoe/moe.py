@@ -256,6 +256,15 @@ def set_gate(model: nn.Module, gate) -> None:
         moe.gate = gate
 
 
+def set_layer_taus(model: nn.Module, taus: list[float]) -> None:
+    """Give MoE layer i (module order) the dynamic-k gate of taus[i] (calibrate.py chooses them)."""
+    layers = moe_layers(model)
+    if len(taus) != len(layers):
+        raise ValueError(f"{len(taus)} taus for {len(layers)} MoE layers")
+    for moe, tau in zip(layers, taus):
+        moe.gate = DynamicKGate(float(tau))
+
+
 def set_impl(model: nn.Module, impl: str) -> None:
     """Choose how every MoE layer executes its experts: `masked` or `gather` (same outputs)."""
     if impl not in IMPLS:

@@ -243,7 +243,7 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
         use = ExpertUse(ctx.adapter.patch_grid)
         ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, expert_use=use))
         points.append({**common, "method": cfg.method.name, **fields, "macs": ev.macs,
-                       "rel_cost": ev.macs / ev.dense_macs, "value": ev.value,
+                       "rel_cost": ev.rel_cost, "value": ev.value,
                        "experts_per_token": ev.experts_per_token,
                        "attention_experts_per_token": ev.attention_experts_per_token,
                        **ctx.adapter.task.extra(ev.value)})
@@ -251,7 +251,7 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
         if use.maps:
             results.patch_images = use.pixels
             results.patch_maps.append(use.maps)
-        log.info("%s: %s %.4f rel_cost %.4f", gate, common["metric"], ev.value, ev.macs / ev.dense_macs)
+        log.info("%s: %s %.4f rel_cost %.4f", gate, common["metric"], ev.value, ev.rel_cost)
     free_scratch()  # the gather's scratch space is only needed while evaluating
     return results
 

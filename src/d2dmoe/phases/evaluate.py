@@ -70,6 +70,11 @@ class Evaluation(L.LightningModule):
         return self.dense_macs_sum / self.samples
 
     @property
+    def rel_cost(self) -> float:
+        """macs / dense_macs: the cost relative to the dense model on the same samples."""
+        return self.macs / self.dense_macs
+
+    @property
     def experts_per_token(self) -> float | None:
         """Mean over FFN MoE layers and real tokens of the experts executed."""
         return self.pairs["ffn"] / self.tokens if self.tokens else None
