@@ -8,9 +8,10 @@
    run (the artifacts are reused, or trained first).
 Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
 
-    python experiments/bench_wallclock.py [hydra overrides for part 2] [--repeats 5] [--layer-only]
+    python experiments/bench_wallclock.py [hydra overrides for part 2] [--repeats 5] [--layer-only | --model-only]
 
---layer-only measures part 1 and keeps the whole-model rows already in the output file.
+--layer-only measures part 1 and keeps the whole-model rows already in the output file;
+--model-only measures part 2 and keeps the layer rows.
 """
 from __future__ import annotations
 
@@ -118,22 +119,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the whole-model part")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--layer-only", action="store_true")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--layer-only", action="store_true")
+    only.add_argument("--model-only", action="store_true")
     parser.add_argument("--out", default="benchmark/bench_wallclock.json")
     args = parser.parse_args()
 
-    result = {"threads": torch.get_num_threads(), "device": "cpu", "repeats": args.repeats,
-              "layer": layer_rows(args.repeats)}
-    print(f"One layer, 32 x 128 tokens, {result['threads']} threads, gather execution, medians:\n"
-          f"{show(result['layer'])}\n", flush=True)
     out = Path(args.out)
-    if not args.layer_only:
-        result["model_overrides"] = args.overrides
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    result = {"threads": torch.get_num_threads(), "device": "cpu", "repeats": args.repeats}
+    if args.model_only:  # keep the earlier layer rows ("repeats" is the layer table's)
+        result.update({k: earlier[k] for k in ("repeats", "layer") if k in earlier})
+    else:
+        result["layer"] = layer_rows(args.repeats)
+        print(f"One layer, 32 x 128 tokens, {result['threads']} threads, gather execution, medians:\n"
+              f"{show(result['layer'])}\n", flush=True)
+    if args.layer_only:  # keep the earlier whole-model rows
+        result.update({k: earlier[k] for k in ("model_overrides", "model_repeats", "model") if k in earlier})
+    else:
+        result["model_overrides"], result["model_repeats"] = args.overrides, args.repeats
         result["model"] = model_rows(args.overrides, args.repeats)
         print(f"Whole converted model on the test split:\n{show(result['model'])}\n")
-    elif out.exists():  # keep the earlier whole-model rows
-        earlier = json.loads(out.read_text())
-        result.update({k: earlier[k] for k in ("model_overrides", "model") if k in earlier})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 

@@ -98,6 +98,33 @@ def test_svd_init_is_the_best_low_rank_approximation(d):
             assert (mlp(x) - proj(x)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("width", [0.5, 2, 3])
+def test_a_wider_mlp_costs_width_times_the_projection(width):
+    d = 64
+    proj = nn.Linear(d, d)
+    mlp = projection_mlp(proj, width=width)
+    assert mlp.w1.out_features == projection_hidden(d, width) == width * d // 2
+    x = torch.randn(3, d)
+    assert counted_macs(mlp, x) == width * counted_macs(proj, x)
+
+
+@pytest.mark.parametrize("width", [4, 5])
+def test_from_twice_the_model_width_the_svd_start_is_exact_and_every_neuron_learns(width):
+    """At h >= 2d the rank-d 'approximation' is the projection itself; the neurons past 2d leave the
+    output unchanged (zero output weights) but are not dead: their output weights get gradients."""
+    torch.manual_seed(0)
+    d = 16
+    proj = nn.Linear(d, d)
+    mlp = projection_mlp(proj, "svd", width)
+    h = mlp.w1.out_features
+    assert h == width * d // 2 and h >= 2 * d
+    x = torch.randn(20, d)
+    torch.testing.assert_close(mlp(x), proj(x), rtol=1e-4, atol=1e-5)
+    mlp(x).pow(2).sum().backward()
+    grad = mlp.w2.weight.grad[:, 2 * d:]  # [d, h - 2d]
+    assert (h > 2 * d) == bool(grad.abs().sum(0).gt(0).any())
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "vit"])
 def test_unfused_projections_and_distill_wrappers_leave_the_model_unchanged(family):
     adapter = tiny(family, attn="sdpa")
@@ -119,10 +146,10 @@ def test_unfused_projections_and_distill_wrappers_leave_the_model_unchanged(fami
     assert not distill_modules(model) and len(ffn_layers(model, "attention")) == 8
 
 
-def mlp_model(family: str, adapter):
+def mlp_model(family: str, adapter, width: float = 1.0):
     """Projections as (random) MLPs, FFNs with ReLU: the model the sparsify phase produces."""
     torch.manual_seed(1)
-    model = install_projection_mlps(adapter, build(family, adapter))
+    model = install_projection_mlps(adapter, build(family, adapter), width=width)
     return adapter.install_ffns(model, nn.ReLU()).eval()
 
 
@@ -170,7 +197,11 @@ def attention_cfg(tmp_path, *overrides):
 
 def test_pipeline_with_attention_conversion(tmp_path, monkeypatch):
     cfg = attention_cfg(tmp_path)
-    points = pipeline.run(cfg).points
+    results = pipeline.run(cfg)
+    points = results.points
+    # activation sparsity of the FFNs (2 blocks) and, apart, of the projections' MLPs (Q, K, V, O each)
+    assert [len(results.stats[k]) for k in ("activation", "attention_activation")] == [2, 8]
+    assert all(0 <= a["zero_fraction"] <= 1 for a in results.stats["attention_activation"])
     dense, *moe = points
     assert dense["attention"] is True and dense["attention_experts_per_token"] is None
     assert moe[0]["attention_experts_per_token"] == 4  # tau 0: every expert of every projection
@@ -229,6 +260,22 @@ def test_without_conversion_the_artifact_chain_is_unchanged(tmp_path):
                                                       "attention.num_experts=8"], artifacts_dir=tmp_path))
     assert more_experts["sparsify"].key == converted["sparsify"].key  # the split's setting
     assert more_experts["split"].key != converted["split"].key
+    # the sparsify settings for converted projections change nothing without them, and hash nothing
+    assert not {"attention_scale", "attention_lr"} & set(arts["sparsify"].spec["sparsity"])
+    for setting in ("sparsity.attention_lr=3e-4", "sparsity.attention_scale=8"):
+        other = pipeline.artifacts(compose_config(["experiment=smoke", setting], artifacts_dir=tmp_path))
+        assert other["sparsify"].key == arts["sparsify"].key
+    # sparsity.attention_lr came later with the default 1e-3; null (the sparsify lr, what ran before it)
+    # keeps the earlier converted artifacts' names
+    before = pipeline.artifacts(compose_config(["experiment=smoke", "attention.convert=true",
+                                                "sparsity.attention_lr=null"], artifacts_dir=tmp_path))
+    assert "attention_lr" not in before["sparsify"].spec["sparsity"]
+    assert converted["sparsify"].spec["sparsity"]["attention_lr"] == 1e-3
+    # attention.width came later: at its default 1 it is not in the hash, so earlier distillations keep their names
+    assert "width" not in converted["attention"].spec["attention"]
+    wider = pipeline.artifacts(compose_config(["experiment=smoke", "attention.convert=true", "attention.width=2"],
+                                              artifacts_dir=tmp_path))
+    assert wider["attention"].spec["attention"]["width"] == 2 and wider["attention"].key != converted["attention"].key
 
 
 def test_bad_attention_settings_fail_before_compute():
@@ -242,8 +289,18 @@ def test_bad_attention_settings_fail_before_compute():
         check_config(compose_config(["attention.convert=true", "attention.router_hidden=0"]))
     with pytest.raises(ConfigError, match="attention.init"):
         check_config(compose_config(["attention.convert=true", "attention.init=zeros"]))
+    with pytest.raises(ConfigError, match="attention.width"):
+        check_config(compose_config(["attention.convert=true", "attention.width=0"]))
+    wider = compose_config(["experiment=smoke", "attention.convert=true", "attention.num_experts=32",
+                            "attention.width=2"])
+    check_model(wider, tiny("bert").dims(3))  # 32 experts of 1 neuron in the 32 of width 2
+    with pytest.raises(ConfigError, match="attention.num_experts.*does not divide.*attention.width=1.5"):
+        check_model(compose_config(["experiment=smoke", "attention.convert=true", "attention.num_experts=16",
+                                    "attention.width=1.5"]), tiny("bert").dims(3))
     with pytest.raises(ConfigError, match="sparsity.attention_scale"):
         check_config(compose_config(["attention.convert=true", "sparsity.attention_scale=-1"]))
+    with pytest.raises(ConfigError, match="sparsity.attention_lr"):
+        check_config(compose_config(["attention.convert=true", "sparsity.attention_lr=0"]))
 
 
 def test_only_square_projections_convert():
@@ -288,3 +345,26 @@ def test_printed_table_shows_attention_columns_only_when_converted():
     converted = {**point, "attention": True, "attention_experts_per_token": 3.5}
     header, _, row = table([converted]).splitlines()
     assert "attention_experts_per_token" in header and "3.5" in row
+
+
+def test_sparsify_can_give_the_projection_mlps_their_own_learning_rate():
+    """sparsity.attention_lr: the projections' MLPs in one AdamW group at that rate, every other
+    weight in the other at the sparsify lr; null keeps one group."""
+    from types import SimpleNamespace
+
+    from d2dmoe.phases.finetune import TaskTraining
+
+    adapter = tiny("bert")
+    model = mlp_model("bert", adapter)
+    mlps = {id(p) for m in ffn_layers(model, "attention") for p in m.parameters()}
+    module = TaskTraining(model, adapter, lr=5e-5, attention_lr=1e-3)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    rest, projections = module.configure_optimizers()["optimizer"].param_groups
+    assert {id(p) for p in projections["params"]} == mlps and projections["initial_lr"] == 1e-3
+    assert not mlps & {id(p) for p in rest["params"]} and rest["initial_lr"] == 5e-5
+    assert len(rest["params"]) + len(projections["params"]) == len(list(model.parameters()))
+    for one in (TaskTraining(model, adapter, lr=5e-5),  # no attention_lr
+                TaskTraining(adapter.install_ffns(build("bert", adapter), nn.ReLU()), adapter, 5e-5,
+                             attention_lr=1e-3)):  # no projection MLPs
+        one.trainer = SimpleNamespace(estimated_stepping_batches=10)
+        assert len(one.configure_optimizers()["optimizer"].param_groups) == 1

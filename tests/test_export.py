@@ -37,10 +37,10 @@ def tiny_llama():
     return tiny_lm("llama", attn="sdpa")
 
 
-def converted(family: str, attention: bool):
+def converted(family: str, attention: bool, width: float = 1.0):
     adapter = tiny_llama() if family == "llama" else tiny(family, attn="sdpa")
     if attention:
-        model = mlp_model(family, adapter)
+        model = mlp_model(family, adapter, width)
     else:
         model = adapter.install_ffns(build(family, adapter), nn.ReLU()).eval()
     split_model(adapter, model, num_experts=8, router_hidden=16, n_init=1, attention=(4, 8) if attention else None)
@@ -56,10 +56,11 @@ def converted(family: str, attention: bool):
     return adapter, model, spec
 
 
-@pytest.mark.parametrize("family, attention", [("bert", False), ("bert", True), ("gpt2", False), ("gpt2", True),
-                                               ("vit", False), ("vit", True), ("llama", False)])
-def test_save_then_load_gives_identical_outputs(family, attention, tmp_path):
-    adapter, model, spec = converted(family, attention)
+@pytest.mark.parametrize("family, attention, width", [
+    ("bert", False, 1), ("bert", True, 1), ("bert", True, 2), ("gpt2", False, 1), ("gpt2", True, 1),
+    ("vit", False, 1), ("vit", True, 1), ("llama", False, 1)])
+def test_save_then_load_gives_identical_outputs(family, attention, width, tmp_path):
+    adapter, model, spec = converted(family, attention, width)
     batch = batch_for("gpt2" if family == "llama" else family)
     set_gate(model, DynamicKGate(0.3))
     with torch.no_grad():

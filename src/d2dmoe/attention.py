@@ -5,8 +5,11 @@ d -> d Linear. It is replaced by a two-layer MLP d -> h -> d with ReLU and
 h = round((d^2 + d) / (2d + 1)): h (2d + 1) hidden-layer parameters for the projection's d^2 + d,
 and 2 d h ~ d^2 MACs per token. The MLP starts either random or (`svd`) as the projection's best
 rank-h/2 approximation, which a ReLU MLP of h neurons computes exactly:
-B relu(A x) - B relu(-A x) = B A x. The MLP is an `FFN` of kind "attention", so the sparsity penalty,
-the split into experts, the routers and the cost model treat it like a block's FFN. The MLPs learn
+B relu(A x) - B relu(-A x) = B A x. `attention.width` > 1 widens the MLP past the projection's cost
+(h = width * round((d^2 + d) / (2d + 1))): from h = 2d the svd start is exact, and a wider ReLU
+layer has room for a sparser code, which is what dynamic-k can then exploit. The MLP is an `FFN`
+of kind "attention", so the sparsity penalty, the split into experts, the routers and the cost
+model treat it like a block's FFN. The MLPs learn
 by distillation (phases/attention.py): while the original model runs unchanged, `Distill` feeds
 each MLP the input of the projection it replaces and records its squared error to the output.
 """
@@ -18,23 +21,25 @@ from torch import nn
 from .moe import FFN, bias
 
 
-def projection_hidden(d: int) -> int:
-    """Hidden width of the MLP that replaces a d -> d projection (same parameters and MACs)."""
-    return round((d * d + d) / (2 * d + 1))
+def projection_hidden(d: int, width: float = 1.0) -> int:
+    """Hidden width of the MLP that replaces a d -> d projection: at width 1 the projection's
+    parameters and MACs, `width` times that otherwise."""
+    return round(width * round((d * d + d) / (2 * d + 1)))
 
 
 INITS = ("svd", "random")
 
 
-def projection_mlp(proj: nn.Linear, init: str = "random") -> FFN:
+def projection_mlp(proj: nn.Linear, init: str = "random", width: float = 1.0) -> FFN:
     """An MLP of the projection's shape, on its device and dtype: PyTorch's random initialisation, or
-    `svd`: equal to the projection's best rank-h/2 approximation (plus its bias) before any training."""
+    `svd`: equal to the projection's best rank-min(h/2, d) approximation (plus its bias) before any
+    training."""
     d_in, d_out = proj.in_features, proj.out_features
     if d_in != d_out:
         raise ValueError(f"attention projections must be square to convert (d -> d), got {d_in} -> {d_out}")
     if init not in INITS:
         raise ValueError(f"unknown attention.init {init!r}; allowed: {list(INITS)}")
-    h = projection_hidden(d_in)
+    h = projection_hidden(d_in, width)
     kwargs = {"device": proj.weight.device, "dtype": proj.weight.dtype}
     mlp = FFN(nn.Linear(d_in, h, **kwargs), nn.Linear(h, d_out, **kwargs), nn.ReLU(), kind="attention")
     if init == "svd":
@@ -44,16 +49,16 @@ def projection_mlp(proj: nn.Linear, init: str = "random") -> FFN:
 
 @torch.no_grad()
 def svd_init(mlp: FFN, proj: nn.Linear) -> None:
-    """W = U S V^T truncated to r = h // 2: A = S^1/2 V^T [r, d], B = U S^1/2 [d, r];
-    w1 = [A; -A], w2 = [B, -B], b1 = 0, b2 = the projection's bias (an odd h leaves one neuron at 0)."""
+    """W = U S V^T truncated to r = min(h // 2, d): A = S^1/2 V^T [r, d], B = U S^1/2 [d, r];
+    w1 = [A; -A], w2 = [B, -B], b1 = 0, b2 = the projection's bias. Neurons past 2r keep their random
+    w1 row and get a zero w2 column: the MLP's output is unchanged, and they still learn."""
     h = mlp.w1.out_features
-    r = h // 2
+    r = min(h // 2, proj.in_features)
     u, s, vh = torch.linalg.svd(proj.weight.detach().double())
     a = (s[:r].sqrt()[:, None] * vh[:r]).to(mlp.w1.weight.dtype)  # [r, d]
     b = (u[:, :r] * s[:r].sqrt()).to(mlp.w2.weight.dtype)  # [d, r]
-    mlp.w1.weight.zero_()
     mlp.w1.weight[:r], mlp.w1.weight[r:2 * r] = a, -a
-    mlp.w1.bias.zero_()
+    mlp.w1.bias[:2 * r].zero_()
     mlp.w2.weight.zero_()
     mlp.w2.weight[:, :r], mlp.w2.weight[:, r:2 * r] = b, -b
     mlp.w2.bias.copy_(bias(proj, proj.out_features))
@@ -113,12 +118,13 @@ def projection_slots(adapter, model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [slot for block in adapter.blocks(model) for slot in adapter.projection_slots(block)]
 
 
-def install_projection_mlps(adapter, model: nn.Module, distill: bool = False, init: str = "random") -> nn.Module:
+def install_projection_mlps(adapter, model: nn.Module, distill: bool = False, init: str = "random",
+                            width: float = 1.0) -> nn.Module:
     """Replace every attention projection of the model, in place, by a fresh MLP; with `distill`,
     by a `Distill` holding the original and the MLP (unwrap with `finish_distillation`)."""
     for parent, attr in projection_slots(adapter, model):
         proj = getattr(parent, attr)
-        mlp = projection_mlp(proj, init)
+        mlp = projection_mlp(proj, init, width)
         setattr(parent, attr, Distill(proj, mlp) if distill else mlp)
     return model
 

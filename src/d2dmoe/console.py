@@ -101,7 +101,7 @@ def info(path: str | Path) -> str:
     lines = [f"{folder}: {spec['adapter'].get('name')} ({spec['family']}), metric {spec['metric']}",
              f"experts: {e['num_experts']} per FFN of {e['expert_size']} neurons, router {e['router_kind']} "
              f"(hidden {e['router_hidden']}), activation {e['activation']}"
-             + (f"; attention projections: {e['attention']['num_experts']} experts each" if e["attention"] else ""),
+             + (projections(e["attention"]) if e["attention"] else ""),
              operating]
     if spec.get("layer_taus"):
         g = spec["global_measured"]
@@ -115,6 +115,12 @@ def info(path: str | Path) -> str:
         lines.append("validation, a tau per layer at each global tau's predicted cost: "
                      + ", ".join(f"tau {r['tau']:g}: {scored(r)}" for r in spec["layer_calibration"]))
     return "\n".join(lines)
+
+
+def projections(attention: dict) -> str:
+    """The attention projections' experts; folders from before attention.width give no width."""
+    size = f" of {attention['hidden'] // attention['num_experts']} neurons" if "hidden" in attention else ""
+    return f"; attention projections: {attention['num_experts']} experts each{size}"
 
 
 def scored(row: dict) -> str:

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .attention import install_projection_mlps
+from .attention import install_projection_mlps, projection_hidden
 from .moe import DynamicKGate, moe_layers, set_gate, set_impl, set_layer_taus
 from .phases.split import moe_skeleton
 
@@ -110,7 +110,8 @@ def model_spec(model_cfg: dict, moe: nn.Module, num_labels: int | None, activati
                         "router_hidden": ffn[0].router.net[0].out_features, "router_kind": router_kind,
                         "activation": activation,
                         "attention": None if attention is None else
-                        {"num_experts": projections[0].num_experts, "router_hidden": attention[1]}}}
+                        {"num_experts": projections[0].num_experts, "router_hidden": attention[1],
+                         "hidden": projections[0].num_experts * projections[0].expert_size}}}
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> ConvertedModel:
@@ -132,8 +133,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> ConvertedModel
     model = adapter.build(spec["num_labels"], weights=False)
     e = spec["experts"]
     attention = e["attention"]
-    if attention:
-        install_projection_mlps(adapter, model)
+    if attention:  # folders from before attention.width hold no "hidden": the projection-sized width
+        h = projection_hidden(adapter.dims(spec["num_labels"]).d)
+        install_projection_mlps(adapter, model, width=attention.get("hidden", h) / h)
     adapter.install_ffns(model, nn.ReLU() if e["activation"] == "relu" else None)
     moe_skeleton(adapter, model, e["num_experts"], e["router_hidden"], e["router_kind"],
                  (attention["num_experts"], attention["router_hidden"]) if attention else None)

@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 DATA_KEYS_IGNORED = ("cache_dir", "eval_batch_size")
 EXPERT_KEYS_IGNORED = ("impl",)  # how experts execute changes no weights
 ATTENTION_SPLIT_KEYS = ("convert", "num_experts", "router_hidden")  # not the distillation's settings
+SPARSITY_ATTENTION_KEYS = ("attention_scale", "attention_lr")  # act only on converted projections
 # settings added after artifacts already existed: left out of the hash while they keep the behaviour
 # that came before them, so those artifacts keep their names
-ADDED_WITH_DEFAULT = {"sparsity": {"activation": "relu", "attention_scale": 1.0}, "router": {"kind": "regression"}}
+ADDED_WITH_DEFAULT = {"sparsity": {"activation": "relu", "attention_scale": 1.0, "attention_lr": None},
+                      "router": {"kind": "regression"}, "attention": {"width": 1}}
 
 
 def plain(node) -> dict:
@@ -70,7 +72,7 @@ class Context:
         converted), sparse (FFN activations swapped), or moe."""
         model = self.adapter.build(self.dims.num_labels, weights=False)
         if stage != "dense" and self.cfg.attention.convert:
-            install_projection_mlps(self.adapter, model)
+            install_projection_mlps(self.adapter, model, width=self.cfg.attention.width)
         if stage in ("sparse", "moe"):
             self.adapter.install_ffns(model, sparse_activation(self.cfg))
         if stage == "moe":
@@ -133,10 +135,12 @@ def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
     out = {"dense": dense}
     upstream = dense
     if cfg.attention.convert:  # without conversion the chain (and every hash) is what it always was
-        training = {k: v for k, v in plain(cfg.attention).items() if k not in ATTENTION_SPLIT_KEYS}
+        training = {k: v for k, v in spec_of(cfg.attention, "attention").items() if k not in ATTENTION_SPLIT_KEYS}
         upstream = out["attention"] = Artifact(root, "attention", {"upstream": dense.key, "attention": training})
-    out["sparsify"] = Artifact(root, "sparsify", {"upstream": upstream.key,
-                                                  "sparsity": spec_of(cfg.sparsity, "sparsity")})
+    sparsity = spec_of(cfg.sparsity, "sparsity")
+    if not cfg.attention.convert:  # settings that change nothing without converted projections
+        sparsity = {k: v for k, v in sparsity.items() if k not in SPARSITY_ATTENTION_KEYS}
+    out["sparsify"] = Artifact(root, "sparsify", {"upstream": upstream.key, "sparsity": sparsity})
     experts = {k: v for k, v in plain(cfg.experts).items() if k not in EXPERT_KEYS_IGNORED}
     split_spec = {"upstream": out["sparsify"].key, "experts": experts, "router_hidden": cfg.routing.router.hidden}
     if cfg.attention.convert:
@@ -172,7 +176,8 @@ def train_dense(ctx: Context):
 
 def distill_attention(ctx: Context, dense: nn.Module):
     a = ctx.cfg.attention
-    model = install_projection_mlps(ctx.adapter, copy.deepcopy(dense), distill=True, init=a.init)  # dense stays
+    model = install_projection_mlps(ctx.adapter, copy.deepcopy(dense), distill=True, init=a.init,
+                                   width=a.width)  # dense stays
     trainer = ctx.fit(AttentionDistillation(model, ctx.adapter, a.lr, a.weight_decay, a.warmup_fraction), a,
                       "attention")
     return finish_distillation(ctx.adapter, model), metrics(trainer)
@@ -183,7 +188,7 @@ def sparsify(ctx: Context, base: nn.Module):
     model = ctx.adapter.install_ffns(copy.deepcopy(base), sparse_activation(ctx.cfg))  # base stays as it is
     s = ctx.cfg.sparsity
     module = TaskTraining(model, ctx.adapter, s.lr, s.weight_decay, s.warmup_fraction, s.penalty, s.alpha,
-                          s.schedule, s.attention_scale)
+                          s.schedule, s.attention_scale, s.attention_lr)
     trainer = ctx.fit(module, s, "sparsify")
     return model, metrics(trainer)
 
@@ -233,9 +238,11 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
                "attention_experts_per_token": None, **ctx.adapter.task.extra(ref.value)}]
     # how sparse the converted model's activations are: every expert computed, no gate involved
     set_gate(moe, AllExperts())
-    activations = ActivationStats()
+    activations = [ActivationStats("ffn")] + ([ActivationStats("attention")] if cfg.attention.convert else [])
     ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, activations=activations))
-    results = Results(points, {"activation": activations.result(), "points": []})
+    results = Results(points, {"activation": activations[0].result(), "points": []})
+    if cfg.attention.convert:  # the projections' MLPs, in module order (Q, K, V, O of each block)
+        results.stats["attention_activation"] = activations[1].result()
 
     set_impl(moe, cfg.experts.impl)
     for fields, gate in gates(cfg):

@@ -4,8 +4,9 @@ table, W&B.
 points.jsonl holds one JSON object per evaluated point with at least POINT_KEYS. Figure scripts and
 outside tools read it: keep the keys stable. stats.json holds what the figures need beyond the
 points (d2dmoe.stats): {"activation": per-layer activation sparsity of the converted model,
-"points": per tau (or k), per-layer executed-expert histograms and, for ViTs, the mean executed
-experts per patch}. ViT runs also write patch_maps.npz: `images` [N, C, H, W] (the first test
+"attention_activation" (with attention.convert): the same for the projections' MLPs, "points":
+per tau (or k), per-layer executed-expert histograms and, for ViTs, the mean executed experts per
+patch}. ViT runs also write patch_maps.npz: `images` [N, C, H, W] (the first test
 images, as the model sees them) and `maps` [points, N, gh, gw] (executed experts per patch,
 averaged over layers), `taus`/`ks` naming the points.
 """

@@ -1,7 +1,8 @@
 """Statistics the figures need, accumulated over the test split during `evaluate`.
 
-- `ActivationStats`: per FFN layer, the fraction of zero activations per real token (mean, spread
-  across tokens, histogram): how sparse the converted model is, independent of any gate.
+- `ActivationStats`: per FFN layer (or per MLP that replaced an attention projection), the fraction
+  of zero activations per real token (mean, spread across tokens, histogram): how sparse the
+  converted model is, independent of any gate.
 - `ExpertUse`: per MoE layer, how many experts each real token executed (histogram over 0..E), and
   for models with a patch grid (ViT) the executed experts per patch, averaged over layers, as a mean
   map over every test image and as maps of the first `keep` images (kept with their pixels).
@@ -14,7 +15,8 @@ NONZERO_BINS = 50  # histogram bins of the per-token fraction of non-zero activa
 
 
 class ActivationStats:
-    def __init__(self):
+    def __init__(self, kind: str = "ffn"):
+        self.kind = kind  # which layers: "ffn", or "attention" (the projections' MLPs)
         self.layers: list[dict] = []
 
     def update(self, activations: list[torch.Tensor], mask: torch.Tensor) -> None:

@@ -29,6 +29,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("sparsity.alpha", f"must be >= 0, got {s.alpha}")
     if s.attention_scale < 0:
         raise ConfigError("sparsity.attention_scale", f"must be >= 0, got {s.attention_scale}")
+    if s.get("attention_lr") is not None and not s.attention_lr > 0:
+        raise ConfigError("sparsity.attention_lr", f"must be > 0 or null (the sparsify lr), got {s.attention_lr}")
     if s.penalty not in PENALTIES:
         raise ConfigError("sparsity.penalty", f"unknown penalty {s.penalty!r}; allowed: {sorted(PENALTIES)}")
     if s.schedule not in SCHEDULES:
@@ -52,6 +54,8 @@ def check_config(cfg: DictConfig) -> None:
         for key in ("num_experts", "router_hidden"):
             if a[key] < 1:
                 raise ConfigError(f"attention.{key}", f"must be >= 1, got {a[key]}")
+        if not a.width > 0:
+            raise ConfigError("attention.width", f"must be > 0 (a multiple of the cost-neutral width), got {a.width}")
         if a.init not in INITS:
             raise ConfigError("attention.init", f"unknown init {a.init!r}; allowed: {list(INITS)}")
     r = cfg.routing
@@ -87,10 +91,12 @@ def check_model(cfg: DictConfig, dims: Dims) -> None:
     if e.expert_size is not None and dims.d_ff % e.expert_size:
         raise ConfigError("experts.expert_size",
                           f"{e.expert_size} does not divide the FFN width {dims.d_ff} of model {cfg.model.name}")
-    if cfg.attention.convert and projection_hidden(dims.d) % cfg.attention.num_experts:
+    a = cfg.attention
+    if a.convert and projection_hidden(dims.d, a.width) % a.num_experts:
+        h = projection_hidden(dims.d, a.width)
         raise ConfigError("attention.num_experts",
-                          f"{cfg.attention.num_experts} does not divide the projection MLPs' width "
-                          f"{projection_hidden(dims.d)} (round((d^2 + d) / (2d + 1)), d={dims.d}) of model {cfg.model.name}")
+                          f"{a.num_experts} does not divide the projection MLPs' width {h} (attention.width={a.width} "
+                          f"x round((d^2 + d) / (2d + 1)), d={dims.d}) of model {cfg.model.name}")
     if cfg.routing.rule in ("topk", "both"):
         E = num_experts(cfg, dims)
         for k in cfg.routing.ks:

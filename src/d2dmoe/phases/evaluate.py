@@ -1,7 +1,7 @@
 """`evaluate`: the task's metric and mean MACs per sample of one model at one expert-selection rule."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import lightning as L
 import torch
@@ -15,14 +15,14 @@ from ..stats import ActivationStats, ExpertUse
 class Evaluation(L.LightningModule):
     """Run with `trainer.test`; afterwards `value` (the task's metric), `macs` (mean per sample),
     `dense_macs`, `experts_per_token` (FFN MoE layers) and `attention_experts_per_token` (the
-    projections' MoE layers, when converted). Given `expert_use` or `activations`, also fills them
-    (FFN layers only)."""
+    projections' MoE layers, when converted). Given `expert_use` (FFN layers) or `activations` (each
+    for the layers of its kind), also fills them."""
 
     def __init__(self, model: torch.nn.Module, adapter, dims, expert_use: ExpertUse | None = None,
-                 activations: ActivationStats | None = None):
+                 activations: list[ActivationStats] = ()):
         super().__init__()
         self.model, self.adapter, self.dims = model, adapter, dims
-        self.expert_use, self.activations = expert_use, activations
+        self.expert_use, self.activations = expert_use, list(activations)
 
     def on_test_epoch_start(self) -> None:
         self.samples = 0
@@ -33,10 +33,11 @@ class Evaluation(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         mask = self.adapter.token_mask(batch)
-        with capture_activations(self.model, "ffn") if self.activations is not None else nullcontext([]) as acts:
+        with ExitStack() as stack:
+            captured = [stack.enter_context(capture_activations(self.model, a.kind)) for a in self.activations]
             logits = self.adapter.forward(self.model, batch)
-        if self.activations is not None:
-            self.activations.update(acts, mask)
+        for stats, acts in zip(self.activations, captured):
+            stats.update(acts, mask)
         total, count = self.adapter.task.score(logits, batch, mask)
         self.metric_sum, self.metric_count = self.metric_sum + total, self.metric_count + count
         tokens = mask.sum(-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from ..moe import ffn_layers
 from ..sharded import shard_blocks
 from ..sparsity import alpha_at, capture_activations, grouped_penalty
 from .guard import check_finite
@@ -16,13 +17,14 @@ class TaskTraining(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, adapter, lr: float, weight_decay: float = 0.01,
                  warmup_fraction: float = 0.1, penalty: str | None = None, alpha: float = 0.0,
-                 schedule: str = "linear_warmup", attention_scale: float = 1.0):
+                 schedule: str = "linear_warmup", attention_scale: float = 1.0, attention_lr: float | None = None):
         super().__init__()
         self.model = model.train()  # Lightning keeps the modes it is given: dropout on while fine-tuning
         self.adapter, self.task = adapter, adapter.task
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
         self.penalty_kind, self.alpha, self.schedule = penalty, alpha, schedule
         self.attention_scale = attention_scale  # the projection MLPs' penalty weight, relative to the FFNs'
+        self.attention_lr = attention_lr  # the projection MLPs' learning rate; None: lr, like every weight
 
     def configure_model(self) -> None:
         shard_blocks(self)  # trainer=fsdp only
@@ -62,8 +64,12 @@ class TaskTraining(L.LightningModule):
         self.log(f"val/{self.task.metric}", self.val_sum / max(self.val_count, 1), prog_bar=True)
 
     def configure_optimizers(self):
-        return adamw_warmup_decay(self.model.parameters(), self.trainer, self.lr, self.weight_decay,
-                                  self.warmup_fraction)
+        params = self.model.parameters()
+        mlps = {id(p) for m in ffn_layers(self.model, "attention") for p in m.parameters()}
+        if self.attention_lr is not None and mlps:  # freshly distilled MLPs need more than a fine-tuning lr to sparsify
+            params = [{"params": [p for p in self.model.parameters() if id(p) not in mlps]},
+                      {"params": [p for p in self.model.parameters() if id(p) in mlps], "lr": self.attention_lr}]
+        return adamw_warmup_decay(params, self.trainer, self.lr, self.weight_decay, self.warmup_fraction)
 
 
 def adamw_warmup_decay(params, trainer: L.Trainer, lr: float, weight_decay: float, warmup_fraction: float) -> dict:
