@@ -17,7 +17,8 @@ class TaskTraining(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, adapter, lr: float, weight_decay: float = 0.01,
                  warmup_fraction: float = 0.1, penalty: str | None = None, alpha: float = 0.0,
-                 schedule: str = "linear_warmup", attention_scale: float = 1.0, attention_lr: float | None = None):
+                 schedule: str = "linear_warmup", attention_scale: float = 1.0,
+                 attention_lr: float | None = None):
         super().__init__()
         self.model = model.train()  # Lightning keeps the modes it is given: dropout on while fine-tuning
         self.adapter, self.task = adapter, adapter.task
@@ -66,7 +67,8 @@ class TaskTraining(L.LightningModule):
     def configure_optimizers(self):
         params = self.model.parameters()
         mlps = {id(p) for m in ffn_layers(self.model, "attention") for p in m.parameters()}
-        if self.attention_lr is not None and mlps:  # freshly distilled MLPs need more than a fine-tuning lr to sparsify
+        # freshly distilled projection MLPs need more than a fine-tuning lr to sparsify
+        if self.attention_lr is not None and mlps:
             params = [{"params": [p for p in self.model.parameters() if id(p) not in mlps]},
                       {"params": [p for p in self.model.parameters() if id(p) in mlps], "lr": self.attention_lr}]
         return adamw_warmup_decay(params, self.trainer, self.lr, self.weight_decay, self.warmup_fraction)
