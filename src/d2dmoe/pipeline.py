@@ -238,11 +238,11 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
                "attention_experts_per_token": None, **ctx.adapter.task.extra(ref.value)}]
     # how sparse the converted model's activations are: every expert computed, no gate involved
     set_gate(moe, AllExperts())
-    activations = [ActivationStats("ffn")] + ([ActivationStats("attention")] if cfg.attention.convert else [])
-    ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, activations=activations))
-    results = Results(points, {"activation": activations[0].result(), "points": []})
-    if cfg.attention.convert:  # the projections' MLPs, in module order (Q, K, V, O of each block)
-        results.stats["attention_activation"] = activations[1].result()
+    # stats.json key -> layers; the projections' MLPs in module order (Q, K, V, O of each block)
+    kinds = {"activation": "ffn", **({"attention_activation": "attention"} if cfg.attention.convert else {})}
+    activations = {key: ActivationStats(kind) for key, kind in kinds.items()}
+    ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, activations=list(activations.values())))
+    results = Results(points, {**{key: a.result() for key, a in activations.items()}, "points": []})
 
     set_impl(moe, cfg.experts.impl)
     for fields, gate in gates(cfg):

@@ -29,7 +29,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("sparsity.alpha", f"must be >= 0, got {s.alpha}")
     if s.attention_scale < 0:
         raise ConfigError("sparsity.attention_scale", f"must be >= 0, got {s.attention_scale}")
-    if s.get("attention_lr") is not None and not s.attention_lr > 0:
+    if s.attention_lr is not None and not s.attention_lr > 0:
         raise ConfigError("sparsity.attention_lr", f"must be > 0 or null (the sparsify lr), got {s.attention_lr}")
     if s.penalty not in PENALTIES:
         raise ConfigError("sparsity.penalty", f"unknown penalty {s.penalty!r}; allowed: {sorted(PENALTIES)}")
@@ -92,8 +92,8 @@ def check_model(cfg: DictConfig, dims: Dims) -> None:
         raise ConfigError("experts.expert_size",
                           f"{e.expert_size} does not divide the FFN width {dims.d_ff} of model {cfg.model.name}")
     a = cfg.attention
-    if a.convert and projection_hidden(dims.d, a.width) % a.num_experts:
-        h = projection_hidden(dims.d, a.width)
+    h = projection_hidden(dims.d, a.width)
+    if a.convert and h % a.num_experts:
         raise ConfigError("attention.num_experts",
                           f"{a.num_experts} does not divide the projection MLPs' width {h} (attention.width={a.width} "
                           f"x round((d^2 + d) / (2d + 1)), d={dims.d}) of model {cfg.model.name}")
