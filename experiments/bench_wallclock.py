@@ -9,9 +9,11 @@
 Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
 
     python experiments/bench_wallclock.py [hydra overrides for part 2] [--repeats 5] [--layer-only | --model-only]
+    python experiments/bench_wallclock.py --device cuda [--dtype bfloat16]   # part 1 on a GPU, fused kernel
 
 --layer-only measures part 1 and keeps the whole-model rows already in the output file;
---model-only measures part 2 and keeps the layer rows.
+--model-only measures part 2 and keeps the layer rows. --device cuda measures part 1 only, with
+the fused Triton kernel unless --impl says otherwise, into benchmark/bench_wallclock_cuda.json.
 """
 from __future__ import annotations
 
@@ -24,40 +26,44 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from d2dmoe.moe import FFN, MoE, Router
+from d2dmoe.moe import FFN, MoE, Router, fused_unavailable
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 SIZES = {"minilm": (384, 1536), "bert_base": (768, 3072)}  # d, d_ff
 EXPERTS = (128, 32)
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_ms(fn, repeats: int, device: str = "cpu") -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None  # GPU work is asynchronous
+    fn()  # warm-up (on a GPU also the kernel's compilation)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
 
-def layer_rows(repeats: int) -> list[dict]:
+def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather", dtype: torch.dtype = torch.float32) -> list[dict]:
     rows = []
     for (name, (d, d_ff)), E in ((size, E) for size in SIZES.items() for E in EXPERTS):
         torch.manual_seed(0)
         ffn = FFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), nn.ReLU())
         moe = MoE.from_ffn(ffn, list(torch.arange(d_ff).chunk(E)), Router(d, E))
-        moe.impl = "gather"
-        x = torch.randn(32, 128, d)  # [B, T, d]
+        ffn, moe = ffn.to(device, dtype), moe.to(device, dtype)
+        moe.impl = impl
+        x = torch.randn(32, 128, d, device=device, dtype=dtype)  # [B, T, d]
         with torch.inference_mode():
-            dense_ms = median_ms(lambda: ffn(x), repeats)
+            dense_ms = median_ms(lambda: ffn(x), repeats, device)
         for fraction in FRACTIONS:
             k = max(1, round(fraction * E))
             chosen = torch.rand(32, 128, E).topk(k, dim=-1).indices
-            mask = torch.zeros(32, 128, E, dtype=torch.bool).scatter_(-1, chosen, True)
+            mask = torch.zeros(32, 128, E, dtype=torch.bool).scatter_(-1, chosen, True).to(device)
             moe.gate = lambda scores, m=mask: m  # exactly k random experts per token
             with torch.inference_mode():
-                moe_ms = median_ms(lambda: moe(x), repeats)
+                moe_ms = median_ms(lambda: moe(x), repeats, device)
             router = d * 128 + 128 * E
             flop_ratio = (router + k * 2 * d * (d_ff // E)) / (2 * d * d_ff)
             rows.append({"size": name, "experts": E, "expert_size": d_ff // E, "fraction": k / E, "moe_ms": round(moe_ms, 2),
@@ -122,19 +128,34 @@ def main() -> None:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--layer-only", action="store_true")
     only.add_argument("--model-only", action="store_true")
-    parser.add_argument("--out", default="benchmark/bench_wallclock.json")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--impl", choices=["gather", "fused"], help="the layer table's execution "
+                        "(default: gather on cpu, fused on cuda)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", help="default benchmark/bench_wallclock.json (cpu), "
+                        "benchmark/bench_wallclock_cuda.json (cuda)")
     args = parser.parse_args()
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if gpu and args.model_only:
+        parser.error("--device cuda measures the layer table only")
+    impl = args.impl or ("fused" if gpu else "gather")
+    if impl == "fused" and (reason := fused_unavailable()):
+        parser.error(reason)
 
-    out = Path(args.out)
+    out = Path(args.out or f"benchmark/bench_wallclock{'_cuda' if gpu else ''}.json")
     earlier = json.loads(out.read_text()) if out.exists() else {}
-    result = {"threads": torch.get_num_threads(), "device": "cpu", "repeats": args.repeats}
+    device = torch.cuda.get_device_name() if gpu else "cpu"
+    result = {"threads": torch.get_num_threads(), "device": device, "repeats": args.repeats, "impl": impl,
+              "dtype": args.dtype}
     if args.model_only:  # keep the earlier layer rows ("repeats" is the layer table's)
-        result.update({k: earlier[k] for k in ("repeats", "layer") if k in earlier})
+        result.update({k: earlier[k] for k in ("repeats", "impl", "dtype", "layer") if k in earlier})
     else:
-        result["layer"] = layer_rows(args.repeats)
-        print(f"One layer, 32 x 128 tokens, {result['threads']} threads, gather execution, medians:\n"
-              f"{show(result['layer'])}\n", flush=True)
-    if args.layer_only:  # keep the earlier whole-model rows
+        result["layer"] = layer_rows(args.repeats, args.device, impl, getattr(torch, args.dtype))
+        print(f"One layer, 32 x 128 tokens, {device}, {result['threads']} threads, {impl} execution, "
+              f"{args.dtype}, medians:\n{show(result['layer'])}\n", flush=True)
+    if args.layer_only or gpu:  # keep the earlier whole-model rows
         result.update({k: earlier[k] for k in ("model_overrides", "model_repeats", "model") if k in earlier})
     else:
         result["model_overrides"], result["model_repeats"] = args.overrides, args.repeats

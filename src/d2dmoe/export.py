@@ -46,6 +46,10 @@ class ConvertedModel(nn.Module):
     def forward(self, **batch) -> torch.Tensor:
         return self.adapter.forward(self.model, batch)
 
+    def set_impl(self, impl: str) -> None:
+        """How the experts execute: `gather` (the default), `masked`, or `fused` (GPU kernel)."""
+        set_impl(self.model, impl)
+
     def set_tau(self, tau: float) -> None:
         """Dynamic-k threshold of every MoE layer (0 runs every expert, 1 only the top one)."""
         set_gate(self.model, DynamicKGate(float(tau)))

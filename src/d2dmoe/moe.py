@@ -94,7 +94,7 @@ class TopKGate:
         return f"TopKGate(k={self.k})"
 
 
-IMPLS = ("masked", "gather")
+IMPLS = ("masked", "gather", "fused")
 
 
 class MoE(nn.Module):
@@ -102,10 +102,11 @@ class MoE(nn.Module):
     when gated) and the same columns of w2; the output bias b2 is added once, outside the experts.
     Gates are binary: outputs are not scaled. Layers without biases get zero biases.
 
-    Two executions with the same outputs (`impl`): `masked` computes every expert and zeroes the
+    Three executions with the same outputs (`impl`): `masked` computes every expert and zeroes the
     unselected ones (one big matmul; what training with all experts uses); `gather` runs each expert
-    on its selected tokens only (what saves time at inference). The cost model counts only the
-    selected experts either way.
+    on its selected tokens only (what saves time at inference); `fused` does the same in one Triton
+    kernel on a GPU, without host synchronisation (fused.py; inference only: with gradients on it
+    runs as `gather`). The cost model counts only the selected experts either way.
     """
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
@@ -148,6 +149,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.gate(self.router(x))  # [B, T, E]
         self.last_mask = mask
+        if self.impl == "fused" and not torch.is_grad_enabled():
+            return self.fused(x, mask)
         if self.impl == "masked" or bool(mask.all()):  # every expert runs: one matmul is fastest
             return self.masked(x, mask)
         return self.gathered(x, mask)
@@ -157,6 +160,13 @@ class MoE(nn.Module):
         w2 = self.w2.transpose(0, 1).reshape(self.d, -1)  # [d, E*s]
         return h.flatten(-2) @ w2.T + self.b2  # [B, T, d]
 
+    def fused(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from .fused import fused_experts  # imports triton: only where this path is chosen
+
+        out = fused_experts(x.reshape(-1, self.d), mask.reshape(-1, self.num_experts), self.w1, self.b1,
+                            self.w2, self.b2, self.act, self.up)  # [N, d]
+        return out.reshape(x.shape)
+
     def gathered(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Each expert's two matmuls on the tokens that selected it, outputs scatter-added."""
         flat = x.reshape(-1, self.d)  # [N, d]
@@ -164,7 +174,8 @@ class MoE(nn.Module):
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()
         if torch.is_grad_enabled():
             outs = [self.expert(e, xs) for e, xs in enumerate(flat[token].split(counts)) if len(xs)]
-            out = torch.zeros_like(flat).index_add_(0, token, torch.cat(outs))  # [N, d]
+            y = torch.cat(outs) if outs else flat.new_zeros(0, self.d)  # [P, d]; no pairs: no experts ran
+            out = torch.zeros_like(flat).index_add_(0, token, y)  # [N, d]
             return (out + self.b2).reshape(x.shape)
         return self.gathered_inference(flat, token, counts).reshape(x.shape)
 
@@ -265,9 +276,27 @@ def set_layer_taus(model: nn.Module, taus: list[float]) -> None:
         moe.gate = DynamicKGate(float(tau))
 
 
+def fused_unavailable() -> str | None:
+    """None when `impl=fused` can run here, else why not."""
+    try:
+        from .fused import available
+    except ImportError:
+        return "experts.impl=fused needs triton (it comes with torch's Linux CUDA wheels)"
+    return available()
+
+
 def set_impl(model: nn.Module, impl: str) -> None:
-    """Choose how every MoE layer executes its experts: `masked` or `gather` (same outputs)."""
+    """Choose how every MoE layer executes its experts: `masked`, `gather` or `fused` (same outputs).
+    `fused` is checked here, before any compute: a GPU (or Triton's interpreter) and activations
+    the kernel knows."""
     if impl not in IMPLS:
         raise ValueError(f"unknown MoE execution {impl!r}; allowed: {list(IMPLS)}")
+    if impl == "fused":
+        if reason := fused_unavailable():
+            raise ValueError(reason)
+        from .fused import activation_name
+
+        for moe in moe_layers(model):
+            activation_name(moe.act)
     for moe in moe_layers(model):
         moe.impl = impl

@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from .attention import INITS, projection_hidden
 from .models import ADAPTERS, Dims
-from .moe import IMPLS, ROUTER_KINDS
+from .moe import IMPLS, ROUTER_KINDS, fused_unavailable
 from .sparsity import PENALTIES
 
 SCHEDULES = ("constant", "linear", "linear_warmup")
@@ -46,6 +46,8 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"experts.{key}", f"must be >= 1, got {e[key]}")
     if e.get("impl", "masked") not in IMPLS:
         raise ConfigError("experts.impl", f"unknown execution {e.impl!r}; allowed: {list(IMPLS)}")
+    if e.get("impl") == "fused" and (reason := fused_unavailable()):
+        raise ConfigError("experts.impl", reason)
     a = cfg.attention
     if a.convert:
         if family == "llama":

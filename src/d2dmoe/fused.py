@@ -1,0 +1,138 @@
+"""Fused expert execution for GPUs: one Triton kernel runs every selected (token, expert) pair.
+
+Each program takes one expert and a block of the tokens that selected it: it gathers their rows of
+x, computes the expert's activations in registers, multiplies by its w2 and atomically adds the
+result into the output rows. Nothing is written between the two matmuls, and the host never waits
+on the device: the per-expert token lists come from a sort on the device, and programs past an
+expert's token count return at once. Inference only (no backward); MoE falls back to its autograd
+gather path when gradients are on.
+
+With TRITON_INTERPRET=1 set before this module is imported, the same kernel runs on CPU tensors
+through Triton's interpreter: slow, but it is how the tests check it without a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK_T = 32  # tokens per program
+BLOCK_D = 64  # model-width tile
+MAX_BLOCK_S = 64  # expert-neuron tile; wider experts loop over tiles
+
+
+PROBE = torch.linspace(-6, 6, 241)
+ACTIVATIONS = {  # the kernel's activations, as torch computes them
+    "relu": torch.relu,
+    "gelu": nn.functional.gelu,
+    "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "silu": nn.functional.silu,
+}
+
+
+def activation_name(act: nn.Module) -> str:
+    """Which of the kernel's activations `act` computes, found by evaluating it on a CPU probe, so
+    that any module works (nn.GELU, transformers' GELUActivation and NewGELUActivation, ...)."""
+    with torch.no_grad():
+        out = act(PROBE)
+    for name, fn in ACTIVATIONS.items():
+        if torch.allclose(out, fn(PROBE), rtol=0, atol=1e-5):
+            return name
+    raise ValueError(f"experts.impl=fused: the experts' activation {act} is none of {list(ACTIVATIONS)}")
+
+
+def available() -> str | None:
+    """None when the fused kernel can run here, else why not."""
+    if INTERPRET or torch.cuda.is_available():
+        return None
+    return "experts.impl=fused needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)"
+
+
+@triton.jit
+def _activate(h, ACT: tl.constexpr):
+    if ACT == "relu":
+        h = tl.maximum(h, 0.0)
+    elif ACT == "gelu":
+        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACT == "gelu_tanh":  # tanh(u) = 2 sigmoid(2u) - 1
+        h = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+    else:  # silu
+        h = h * tl.sigmoid(h)
+    return h
+
+
+@triton.jit
+def _experts_kernel(x_ptr, tokens_ptr, counts_ptr, w1_ptr, b1_ptr, up_ptr, w2_ptr, out_ptr, N, D, S,
+                    ACT: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (e, b): tokens b*BLOCK_T.. of expert e's list. x [N, D], tokens [E, N] (expert e's
+    tokens first), counts [E], w1/up [E, S, D], b1 [E, S], w2 [E, D, S], out [N, D] float32."""
+    e = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_T
+    count = tl.load(counts_ptr + e)
+    if first < count:
+        rows = first + tl.arange(0, BLOCK_T)
+        row_ok = rows < count
+        token = tl.load(tokens_ptr + e * N + rows, mask=row_ok, other=0).to(tl.int64)  # [BT]
+        e_off = e.to(tl.int64) * S * D
+        for s0 in range(0, S, BLOCK_S):
+            s_idx = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s_idx < S
+            h = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+            u = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):  # h = x_tokens @ w1[e, s-tile].T
+                d_idx = d0 + tl.arange(0, BLOCK_D)
+                d_ok = d_idx < D
+                xb = tl.load(x_ptr + token[:, None] * D + d_idx[None, :],
+                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BT, BD]
+                w_off = e_off + s_idx[None, :] * D + d_idx[:, None]  # w1[e].T tile [BD, BS]
+                w_ok = d_ok[:, None] & s_ok[None, :]
+                h += tl.dot(xb, tl.load(w1_ptr + w_off, mask=w_ok, other=0.0), input_precision=PRECISION)
+                if GATED:
+                    u += tl.dot(xb, tl.load(up_ptr + w_off, mask=w_ok, other=0.0), input_precision=PRECISION)
+            h = _activate(h + tl.load(b1_ptr + e * S + s_idx, mask=s_ok, other=0.0)[None, :], ACT)
+            if GATED:
+                h = h * u
+            h = tl.where(s_ok[None, :], h, 0.0).to(w2_ptr.dtype.element_ty)
+            for d0 in range(0, D, BLOCK_D):  # out[tokens] += h @ w2[e, :, s-tile].T
+                d_idx = d0 + tl.arange(0, BLOCK_D)
+                d_ok = d_idx < D
+                w2b = tl.load(w2_ptr + e_off + d_idx[None, :] * S + s_idx[:, None],
+                              mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [BS, BD]
+                tl.atomic_add(out_ptr + token[:, None] * D + d_idx[None, :], tl.dot(h, w2b, input_precision=PRECISION),
+                              mask=row_ok[:, None] & d_ok[None, :])
+
+
+def precision() -> str:
+    """float32 matmuls as torch does them: tf32 only where torch allows it."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def expert_tokens(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask [N, E] -> (tokens [E, N] int32, each row listing the tokens that selected that expert
+    first, in order; counts [E] int32), computed on the device."""
+    counts = mask.sum(0, dtype=torch.int32)
+    tokens = torch.argsort(mask.T.to(torch.uint8), dim=1, descending=True, stable=True)
+    return tokens.to(torch.int32).contiguous(), counts  # [E, N]: argsort keeps the transpose's strides
+
+
+def fused_experts(x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                  b2: torch.Tensor, act: nn.Module, up: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over selected experts e of w2_e act(w1_e x + b1_e) (* up_e x), plus b2.
+    x [N, d], mask [N, E] bool, w1/up [E, s, d], b1 [E, s], w2 [E, d, s], b2 [d] -> [N, d]."""
+    N, D = x.shape
+    E, S, _ = w1.shape
+    tokens, counts = expert_tokens(mask)
+    out = b2.float().expand(N, D).contiguous()  # float32: the atomic adds accumulate here
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(S)))  # tl.dot needs tiles >= 16
+    grid = (E, triton.cdiv(N, BLOCK_T))
+    _experts_kernel[grid](x.contiguous(), tokens, counts, w1, b1.contiguous(),
+                          w1 if up is None else up.contiguous(), w2, out, N, D, S,
+                          ACT=activation_name(act), GATED=up is not None, PRECISION=precision(),
+                          BLOCK_T=BLOCK_T, BLOCK_S=block_s, BLOCK_D=BLOCK_D)
+    return out.to(x.dtype)

@@ -1,0 +1,151 @@
+"""The fused Triton expert kernel (experts.impl=fused) against the masked execution.
+
+Without a GPU the kernel is checked two ways: it runs in Triton's CPU interpreter (TRITON_INTERPRET=1,
+which must be set before triton is imported, hence a subprocess running this file), and it compiles
+for an sm_90 GPU with Triton's own compiler. With CUDA it also runs on the GPU."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+triton = pytest.importorskip("triton")
+
+from d2dmoe.moe import FFN, MoE, Router, set_impl  # noqa: E402
+
+# (d, d_ff, experts, activation, gated): expert sizes 12 (under one 16-wide tile), 40 (not a power
+# of two) and 96 (two 64-wide tiles); widths 100 and 72 are not multiples of the 64-wide d tile
+CASES = [
+    (100, 72, 6, nn.ReLU(), False),
+    (72, 240, 6, nn.GELU(), False),
+    (100, 192, 2, nn.SiLU(), True),
+    (72, 96, 8, nn.GELU(approximate="tanh"), True),
+]
+
+
+def layer(d, d_ff, experts, act, gated):
+    torch.manual_seed(0)
+    up = nn.Linear(d, d_ff, bias=False) if gated else None
+    ffn = FFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), act, up)
+    return MoE.from_ffn(ffn, list(torch.arange(d_ff).chunk(experts)), Router(d, experts, 8))
+
+
+def masks(experts, shape=(3, 23)):
+    """Random routing, plus an expert no token selects and a token that selects every expert."""
+    torch.manual_seed(1)
+    random = torch.rand(*shape, experts) < 0.4
+    edge = random.clone()
+    edge[..., 1] = False
+    edge[0, 5] = True
+    return [random, edge, torch.zeros_like(random)]
+
+
+def check_fused_equals_masked(device: str = "cpu") -> None:
+    for case in CASES:
+        moe = layer(*case).to(device)
+        set_impl(moe, "fused")
+        for mask in masks(case[2]):
+            mask = mask.to(device)
+            moe.gate = lambda scores, m=mask: m
+            x = torch.randn(*mask.shape[:-1], case[0], device=device)
+            with torch.inference_mode():
+                fused = moe(x)
+                torch.testing.assert_close(fused, moe.masked(x, mask), rtol=1e-4, atol=1e-4)
+            with torch.enable_grad():  # gradients on: fused runs as the autograd gather
+                out = moe(x)
+                assert out.grad_fn is not None
+                torch.testing.assert_close(out, moe.masked(x, mask), rtol=1e-4, atol=1e-4)
+
+
+def check_converted_models() -> None:
+    """Whole converted models (BERT with its attention projections converted too; a gated LLaMA):
+    fused gives the gather outputs."""
+    from d2dmoe.export import ConvertedModel
+    from tests.test_attention import batch_for
+    from tests.test_export import converted
+
+    for family, attention in (("bert", True), ("llama", False)):
+        adapter, net, spec = converted(family, attention)
+        model = ConvertedModel(net, adapter, spec)
+        batch = batch_for("gpt2" if family == "llama" else family)
+        with torch.inference_mode():
+            gathered = model(**batch)
+            model.set_impl("fused")
+            torch.testing.assert_close(model(**batch), gathered, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_equals_masked_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "tests.test_fused"], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "fused == masked" in run.stdout
+
+
+@pytest.mark.parametrize("act,gated,dtype", [("relu", False, "fp32"), ("gelu", True, "bf16"),
+                                             ("gelu_tanh", False, "fp16"), ("silu", True, "fp32")])
+def test_fused_kernel_compiles_for_gpu(act, gated, dtype):
+    """Triton's compiler takes the kernel all the way to an sm_90 binary, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from d2dmoe.fused import _experts_kernel
+
+    signature = {name: f"*{dtype}" for name in ("x_ptr", "w1_ptr", "b1_ptr", "up_ptr", "w2_ptr")}
+    signature |= {"tokens_ptr": "*i32", "counts_ptr": "*i32", "out_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32"}
+    constants = {"ACT": act, "GATED": gated, "PRECISION": "ieee", "BLOCK_T": 32, "BLOCK_S": 16, "BLOCK_D": 64}
+    signature |= {name: "constexpr" for name in constants}
+    kernel = triton.compile(ASTSource(_experts_kernel, signature, constexprs=constants),
+                            target=GPUTarget("cuda", 90, 32))
+    assert kernel.asm["cubin"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_equals_masked_on_gpu():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_fused_equals_masked("cuda")
+
+
+def test_fused_needs_a_gpu_and_a_known_activation(monkeypatch):
+    from d2dmoe import fused
+
+    moe = layer(*CASES[0])
+    monkeypatch.setattr(fused, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        set_impl(moe, "fused")
+    monkeypatch.setattr(fused, "INTERPRET", True)
+    moe.act = nn.Tanh()
+    with pytest.raises(ValueError, match="Tanh"):
+        set_impl(moe, "fused")
+
+
+def test_fused_config_fails_before_compute_without_a_gpu(monkeypatch):
+    from d2dmoe import fused
+    from d2dmoe.validate import ConfigError, check_config
+    from tests.conftest import compose_config
+
+    monkeypatch.setattr(fused, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU") as err:
+        check_config(compose_config(["experts.impl=fused"]))
+    assert err.value.key == "experts.impl"
+
+
+def test_activation_found_by_value():
+    from transformers.activations import GELUActivation, NewGELUActivation
+
+    from d2dmoe.fused import activation_name
+
+    assert activation_name(GELUActivation()) == "gelu"
+    assert activation_name(NewGELUActivation()) == "gelu_tanh"
+    assert activation_name(nn.ReLU()) == "relu"
+
+
+if __name__ == "__main__":  # the interpreter check, in its own process
+    check_fused_equals_masked()
+    check_converted_models()
+    print("fused == masked")
