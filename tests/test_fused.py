@@ -117,6 +117,10 @@ def test_fused_needs_a_gpu_and_a_known_activation(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         set_impl(moe, "fused")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, but the layer left on the CPU
+    set_impl(moe, "fused")
+    with pytest.raises(ValueError, match="input is on cpu"), torch.inference_mode():
+        moe(torch.randn(2, 3, CASES[0][0]))
     monkeypatch.setattr(fused, "INTERPRET", True)
     moe.act = nn.Tanh()
     with pytest.raises(ValueError, match="Tanh"):

@@ -124,6 +124,8 @@ def fused_experts(x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: tor
                   b2: torch.Tensor, act: nn.Module, up: torch.Tensor | None = None) -> torch.Tensor:
     """sum over selected experts e of w2_e act(w1_e x + b1_e) (* up_e x), plus b2.
     x [N, d], mask [N, E] bool, w1/up [E, s, d], b1 [E, s], w2 [E, d, s], b2 [d] -> [N, d]."""
+    if not (INTERPRET or x.is_cuda):
+        raise ValueError(f"experts.impl=fused runs on a CUDA GPU; this layer's input is on {x.device}")
     N, D = x.shape
     E, S, _ = w1.shape
     tokens, counts = expert_tokens(mask)
