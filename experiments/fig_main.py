@@ -5,6 +5,11 @@ cost range (Pareto frontiers, linearly interpolated) and at rel_cost 0.5 and 0.7
     python run.py -m experiment=fig_main && python experiments/fig_main.py
     python run.py -m experiment=fig_main_vit     # adds the ViT panel (fig_main_gpt2: the GPT-2 panel)
     python experiments/fig_main.py --results results/fig_main results/other_family --out figures
+
+With D2DMoE runs at several alphas for a panel (e.g. --results results/fig_main results/fig_motivation,
+the motivation sweep's alphas), each alpha gets its own curve, and the summary adds each alpha's
+margin (`by_alpha`) and the margin of their envelope, D2DMoE with the best alpha at each cost
+(`alpha_envelope`); the first D2DMoE run found stays the headline comparison.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import sys
 
 import numpy as np
 
-from d2dmoe.figures import COST_LABEL, TAU_NOTE, MissingRuns, load_runs, metric_label, pyplot, save, select, value_at
+from d2dmoe.figures import (COST_LABEL, TAU_NOTE, MissingRuns, load_runs, matches, metric_label, pyplot, save, select,
+                            value_at)
 
 COMMAND = "python run.py -m experiment=fig_main"
 SWEEPS = ("results/fig_main", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel for each one run
@@ -36,10 +42,20 @@ def compare(d2dmoe: list[dict], moefication: list[dict], metric: str, grid: int 
             "margin_at": {str(c): (margin(c) if lo <= c <= hi else None) for c in CHECK_AT}}
 
 
+def d2dmoe_by_alpha(runs: list, model: str, data: str) -> dict:
+    """alpha -> the first D2DMoE (dynamic-k) run of the panel with that alpha."""
+    found = {}
+    for run in runs:
+        if matches(run.setting, {"model": model, "data": data, "method": "d2dmoe", "rule": "dynk"}):
+            found.setdefault(run.setting["alpha"], run)
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", default=list(SWEEPS), help="sweep directories (one per family)")
     parser.add_argument("--out", default="figures")
+    parser.add_argument("--name", default="fig_main", help="output file name (.png, .pdf, .json)")
     args = parser.parse_args(argv)
 
     runs = load_runs(*args.results)
@@ -58,9 +74,14 @@ def main(argv=None) -> int:
     for ax, (key, pair) in zip(axes[0], chosen.items()):
         d2d, moef = pair["D2DMoE"], pair["MoEfication"]
         metric = d2d.dense["metric"]
-        for label, curve, style in (("D2DMoE (dynamic-k, tau)", d2d.curve("dynk"), "o-"),
+        others = {a: r for a, r in d2dmoe_by_alpha(runs, *key).items() if r is not d2d}
+        alpha_note = f", alpha {d2d.setting['alpha']:g}" if others else ""
+        for label, curve, style in ((f"D2DMoE (dynamic-k, tau){alpha_note}", d2d.curve("dynk"), "o-"),
                                     ("MoEfication (top-k, k)", moef.curve("topk"), "s--")):
             ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], style, ms=4, label=label)
+        for alpha, run in sorted(others.items()):
+            curve = run.curve("dynk")
+            ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], ".:", lw=1, label=f"D2DMoE, alpha {alpha:g}")
         ax.plot([1.0], [d2d.dense["value"]], "k*", ms=12, label="dense")
         ax.set_xlabel(COST_LABEL)
         ax.set_ylabel(metric_label(metric))
@@ -69,8 +90,13 @@ def main(argv=None) -> int:
         ax.legend(fontsize=7)
         summary[f"{key[0]}/{key[1]}"] = {"metric": metric, "dense": d2d.dense["value"],
                                         **compare(d2d.curve("dynk"), moef.curve("topk"), metric)}
+        if others:
+            every = {d2d.setting["alpha"]: d2d, **others}
+            summary[f"{key[0]}/{key[1]}"] |= {
+                "by_alpha": {f"{a:g}": compare(r.curve("dynk"), moef.curve("topk"), metric) for a, r in sorted(every.items())},
+                "alpha_envelope": compare([p for r in every.values() for p in r.curve("dynk")], moef.curve("topk"), metric)}
     fig.suptitle(f"D2DMoE vs MoEfication  ({TAU_NOTE})", fontsize=9)
-    paths = save(fig, args.out, "fig_main")
+    paths = save(fig, args.out, args.name)
     (paths[0].with_suffix(".json")).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     print("wrote", *paths)
