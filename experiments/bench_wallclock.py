@@ -46,7 +46,8 @@ def median_ms(fn, repeats: int, device: str = "cpu") -> float:
     return statistics.median(times)
 
 
-def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather", dtype: torch.dtype = torch.float32) -> list[dict]:
+def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather",
+               dtype: torch.dtype = torch.float32) -> list[dict]:
     rows = []
     for (name, (d, d_ff)), E in ((size, E) for size in SIZES.items() for E in EXPERTS):
         torch.manual_seed(0)

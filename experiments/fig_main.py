@@ -81,7 +81,8 @@ def main(argv=None) -> int:
             ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], style, ms=4, label=label)
         for alpha, run in sorted(others.items()):
             curve = run.curve("dynk")
-            ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], ".:", lw=1, label=f"D2DMoE, alpha {alpha:g}")
+            ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], ".:", lw=1,
+                    label=f"D2DMoE, alpha {alpha:g}")
         ax.plot([1.0], [d2d.dense["value"]], "k*", ms=12, label="dense")
         ax.set_xlabel(COST_LABEL)
         ax.set_ylabel(metric_label(metric))
@@ -92,9 +93,10 @@ def main(argv=None) -> int:
                                         **compare(d2d.curve("dynk"), moef.curve("topk"), metric)}
         if others:
             every = {d2d.setting["alpha"]: d2d, **others}
+            baseline = moef.curve("topk")
             summary[f"{key[0]}/{key[1]}"] |= {
-                "by_alpha": {f"{a:g}": compare(r.curve("dynk"), moef.curve("topk"), metric) for a, r in sorted(every.items())},
-                "alpha_envelope": compare([p for r in every.values() for p in r.curve("dynk")], moef.curve("topk"), metric)}
+                "by_alpha": {f"{a:g}": compare(r.curve("dynk"), baseline, metric) for a, r in sorted(every.items())},
+                "alpha_envelope": compare([p for r in every.values() for p in r.curve("dynk")], baseline, metric)}
     fig.suptitle(f"D2DMoE vs MoEfication  ({TAU_NOTE})", fontsize=9)
     paths = save(fig, args.out, args.name)
     (paths[0].with_suffix(".json")).write_text(json.dumps(summary, indent=2))
