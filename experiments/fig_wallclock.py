@@ -2,6 +2,7 @@
 of experts executed, next to the ratio of counted FLOPs (the limit), from bench_wallclock.json.
 
     python experiments/bench_wallclock.py && python experiments/fig_wallclock.py
+    python experiments/fig_wallclock.py --input benchmark/bench_wallclock_cuda.json --name fig_wallclock_cuda
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="benchmark/bench_wallclock.json")
     parser.add_argument("--out", default="figures")
+    parser.add_argument("--name", default="fig_wallclock", help="output file name (.png, .pdf)")
     args = parser.parse_args(argv)
     path = Path(args.input)
     if not path.exists():
@@ -38,10 +40,11 @@ def main(argv=None) -> int:
     ax.set_xlabel("fraction of experts executed per token")
     ax.set_ylabel("MoE layer time / dense MLP time\n(dotted: counted FLOP ratio, router included)")
     ax.set_title(f"one layer, 32 x 128 tokens, {bench['device']}, {bench['threads']} threads, "
+                 f"{bench.get('impl', 'gather')} execution, {bench.get('dtype', 'float32')}, "
                  f"median of {bench['repeats']}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    print("wrote", *save(fig, args.out, "fig_wallclock"))
+    print("wrote", *save(fig, args.out, args.name))
     return 0
 
 
