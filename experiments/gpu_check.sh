@@ -5,6 +5,7 @@
 #   bash experiments/gpu_check.sh        # there, carrying .gpu_wheels
 # 1. the fused Triton kernel against the masked path on the GPU (tests/test_fused.py's check);
 # 2. the layer benchmark, fused kernel and gather path, float32 and bfloat16, into $OUT (or benchmark/).
+# Back here, plot one with: python experiments/fig_wallclock.py --input FILE --name fig_wallclock_cuda
 set -euo pipefail
 export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
 python3 -c "import omegaconf" 2>/dev/null || python3 -m pip install -q --no-deps .gpu_wheels/*.whl
