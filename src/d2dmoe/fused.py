@@ -13,6 +13,7 @@ through Triton's interpreter: slow, but it is how the tests check it without a G
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -41,13 +42,20 @@ ACTIVATIONS = {  # the kernel's activations, as torch computes them
 }
 
 
+ACTIVATION_NAMES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()  # probed once each
+
+
 def activation_name(act: nn.Module) -> str:
     """Which of the kernel's activations `act` computes, found by evaluating it on a CPU probe, so
-    that any module works (nn.GELU, transformers' GELUActivation and NewGELUActivation, ...)."""
+    that any module works (nn.GELU, transformers' GELUActivation and NewGELUActivation, ...). Each
+    module is probed once: every fused forward asks again."""
+    if act in ACTIVATION_NAMES:
+        return ACTIVATION_NAMES[act]
     with torch.no_grad():
         out = act(PROBE)
     for name, fn in ACTIVATIONS.items():
         if torch.allclose(out, fn(PROBE), rtol=0, atol=1e-5):
+            ACTIVATION_NAMES[act] = name
             return name
     raise ValueError(f"experts.impl=fused: the experts' activation {act} is none of {list(ACTIVATIONS)}")
 
