@@ -6,10 +6,12 @@ cost range (Pareto frontiers, linearly interpolated) and at rel_cost 0.5 and 0.7
     python run.py -m experiment=fig_main_vit     # adds the ViT panel (fig_main_gpt2: the GPT-2 panel)
     python experiments/fig_main.py --results results/fig_main results/other_family --out figures
 
-With D2DMoE runs at several alphas for a panel (e.g. --results results/fig_main results/fig_motivation,
-the motivation sweep's alphas), each alpha gets its own curve, and the summary adds each alpha's
-margin (`by_alpha`) and the margin of their envelope, D2DMoE with the best alpha at each cost
-(`alpha_envelope`); the first D2DMoE run found stays the headline comparison.
+The fig_main sweeps run D2DMoE at two alphas: the experiment's and 0 (`ablation=no_sparsity`). With
+D2DMoE runs at several alphas for a panel (more with e.g. --results results/fig_main
+results/fig_motivation, the motivation sweep's alphas), each alpha gets its own curve, their envelope
+(D2DMoE with the best alpha at each cost) is drawn as a line, and the summary adds each alpha's margin
+(`by_alpha`) and the envelope's (`alpha_envelope`). The first D2DMoE run found (job 0 of a fig_main
+sweep: the experiment's alpha) stays the headline comparison (`min_margin`, `margin_at`).
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import sys
 
 import numpy as np
 
-from d2dmoe.figures import (COST_LABEL, TAU_NOTE, MissingRuns, load_runs, matches, metric_label, pyplot, save, select,
-                            value_at)
+from d2dmoe.figures import (COST_LABEL, TAU_NOTE, MissingRuns, frontier, load_runs, matches, metric_label, pyplot, save,
+                            select, value_at)
 
 COMMAND = "python run.py -m experiment=fig_main"
 SWEEPS = ("results/fig_main", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel for each one run
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
         d2d, moef = pair["D2DMoE"], pair["MoEfication"]
         metric = d2d.dense["metric"]
         others = {a: r for a, r in d2dmoe_by_alpha(runs, *key).items() if r is not d2d}
+        every = {d2d.setting["alpha"]: d2d, **others}
         alpha_note = f", alpha {d2d.setting['alpha']:g}" if others else ""
         for label, curve, style in ((f"D2DMoE (dynamic-k, tau){alpha_note}", d2d.curve("dynk"), "o-"),
                                     ("MoEfication (top-k, k)", moef.curve("topk"), "s--")):
@@ -83,6 +86,10 @@ def main(argv=None) -> int:
             curve = run.curve("dynk")
             ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], ".:", lw=1,
                     label=f"D2DMoE, alpha {alpha:g}")
+        if others:  # the envelope's Pareto frontier, joined linearly as the margins interpolate it
+            costs, values = frontier([p for r in every.values() for p in r.curve("dynk")], metric)
+            ax.plot(costs, values, "-", color="0.3", lw=2.5, alpha=0.35, zorder=0,
+                    label="D2DMoE, best alpha at each cost")
         ax.plot([1.0], [d2d.dense["value"]], "k*", ms=12, label="dense")
         ax.set_xlabel(COST_LABEL)
         ax.set_ylabel(metric_label(metric))
@@ -92,7 +99,6 @@ def main(argv=None) -> int:
         summary[f"{key[0]}/{key[1]}"] = {"metric": metric, "dense": d2d.dense["value"],
                                         **compare(d2d.curve("dynk"), moef.curve("topk"), metric)}
         if others:
-            every = {d2d.setting["alpha"]: d2d, **others}
             baseline = moef.curve("topk")
             summary[f"{key[0]}/{key[1]}"] |= {
                 "by_alpha": {f"{a:g}": compare(r.curve("dynk"), baseline, metric) for a, r in sorted(every.items())},

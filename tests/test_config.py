@@ -1,7 +1,9 @@
 """Every config composes; bad values stop before any compute with a message naming the key."""
+import itertools
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
@@ -17,6 +19,30 @@ def test_every_experiment_composes_and_passes_checks(name):
     cfg = compose_config([f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True)
     check_config(cfg)
+
+
+def sweep_jobs(name: str) -> list[list[str]]:
+    """Each job's overrides in the experiment's own sweep (hydra.sweeper.params, a grid)."""
+    params = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").get("hydra", {}).get("sweeper", {}).get("params", {})
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    choices = [[f"{o.key_or_group}={v}" for v in o.sweep_iterator()] for o in parsed]
+    return [[f"experiment={name}", *job] for job in itertools.product(*choices)]
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if len(sweep_jobs(n)) > 1])
+def test_every_sweep_job_composes_and_passes_checks(name):
+    for job in sweep_jobs(name):
+        check_config(compose_config(job))
+
+
+@pytest.mark.parametrize("name", ["fig_main", "fig_main_vit", "fig_main_gpt2"])
+def test_main_figure_sweeps_run_both_alphas_and_moefication(name):
+    """D2DMoE at the experiment's alpha (job 0, the headline), D2DMoE at alpha 0, MoEfication."""
+    own_alpha = compose_config([f"experiment={name}"]).sparsity.alpha
+    jobs = [compose_config(job) for job in sweep_jobs(name)]
+    assert [(c.method.name, c.sparsity.alpha, c.routing.rule) for c in jobs] == \
+        [("d2dmoe", own_alpha, "dynk"), ("d2dmoe", 0.0, "dynk"), ("moefication", 0.0, "topk")]
+    assert own_alpha > 0
 
 
 def test_experiments_exist():

@@ -86,12 +86,12 @@ def test_fig_main_compares_d2dmoe_with_moefication(tmp_path):
 def test_fig_main_envelope_over_alphas(tmp_path):
     """A second D2DMoE alpha that wins at high cost where the first loses: each alpha's margin, and
     the envelope's, which is at least each alpha's everywhere."""
+    # as a fig_main sweep lays them out: the experiment's alpha, alpha 0, MoEfication
     make_run(tmp_path / "main" / "0", {}, {"dynk": [(0.0, 1.0, 0.88), (0.3, 0.5, 0.88), (1.0, 0.3, 0.7)]})
-    make_run(tmp_path / "main" / "1", {"method": "moefication", "router": "moefication", "alpha": 0.0},
+    make_run(tmp_path / "main" / "1", {"alpha": 0.0}, {"dynk": [(0.0, 1.0, 0.95), (0.3, 0.6, 0.9), (1.0, 0.3, 0.4)]})
+    make_run(tmp_path / "main" / "2", {"method": "moefication", "router": "moefication", "alpha": 0.0},
              {"topk": TOPK})
-    make_run(tmp_path / "alphas" / "0", {"alpha": 0.0}, {"dynk": [(0.0, 1.0, 0.95), (0.3, 0.6, 0.9), (1.0, 0.3, 0.4)]})
-    script("fig_main").main(["--results", str(tmp_path / "main"), str(tmp_path / "alphas"),
-                             "--out", str(tmp_path / "out"), "--name", "alphas"])
+    script("fig_main").main(["--results", str(tmp_path / "main"), "--out", str(tmp_path / "out"), "--name", "alphas"])
     assert outputs(tmp_path / "out", "alphas")
     summary = json.loads((tmp_path / "out" / "alphas.json").read_text())["tiny/toy"]
     assert set(summary["by_alpha"]) == {"0", "0.01"}
