@@ -78,6 +78,7 @@ def main(argv=None) -> int:
         metric = d2d.dense["metric"]
         others = {a: r for a, r in d2dmoe_by_alpha(runs, *key).items() if r is not d2d}
         every = {d2d.setting["alpha"]: d2d, **others}
+        envelope = [p for r in every.values() for p in r.curve("dynk")]  # every alpha's points: their frontier
         alpha_note = f", alpha {d2d.setting['alpha']:g}" if others else ""
         for label, curve, style in ((f"D2DMoE (dynamic-k, tau){alpha_note}", d2d.curve("dynk"), "o-"),
                                     ("MoEfication (top-k, k)", moef.curve("topk"), "s--")):
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], ".:", lw=1,
                     label=f"D2DMoE, alpha {alpha:g}")
         if others:  # the envelope's Pareto frontier, joined linearly as the margins interpolate it
-            costs, values = frontier([p for r in every.values() for p in r.curve("dynk")], metric)
+            costs, values = frontier(envelope, metric)
             ax.plot(costs, values, "-", color="0.3", lw=2.5, alpha=0.35, zorder=0,
                     label="D2DMoE, best alpha at each cost")
         ax.plot([1.0], [d2d.dense["value"]], "k*", ms=12, label="dense")
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
             baseline = moef.curve("topk")
             summary[f"{key[0]}/{key[1]}"] |= {
                 "by_alpha": {f"{a:g}": compare(r.curve("dynk"), baseline, metric) for a, r in sorted(every.items())},
-                "alpha_envelope": compare([p for r in every.values() for p in r.curve("dynk")], baseline, metric)}
+                "alpha_envelope": compare(envelope, baseline, metric)}
     fig.suptitle(f"D2DMoE vs MoEfication  ({TAU_NOTE})", fontsize=9)
     paths = save(fig, args.out, args.name)
     (paths[0].with_suffix(".json")).write_text(json.dumps(summary, indent=2))
