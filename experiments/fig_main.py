@@ -3,7 +3,7 @@ one panel per model and dataset. Also reports D2DMoE's margin over MoEfication a
 cost range (Pareto frontiers, linearly interpolated) and at rel_cost 0.5 and 0.75.
 
     python run.py -m experiment=fig_main && python experiments/fig_main.py
-    python run.py -m experiment=fig_main_vit     # adds the ViT panel (fig_main_gpt2: the GPT-2 panel)
+    python run.py -m experiment=fig_main_vit     # adds the ViT panel (fig_main_gpt2: GPT-2; fig_main_carer: CARER)
     python experiments/fig_main.py --results results/fig_main results/other_family --out figures
 
 The fig_main sweeps run D2DMoE at two alphas: the experiment's and 0 (`ablation=no_sparsity`). With
@@ -25,7 +25,7 @@ from d2dmoe.figures import (COST_LABEL, TAU_NOTE, MissingRuns, frontier, load_ru
                             select, value_at)
 
 COMMAND = "python run.py -m experiment=fig_main"
-SWEEPS = ("results/fig_main", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel for each one run
+SWEEPS = ("results/fig_main", "results/fig_main_carer", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel each
 CHECK_AT = (0.5, 0.75)
 
 
