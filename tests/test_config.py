@@ -35,7 +35,7 @@ def test_every_sweep_job_composes_and_passes_checks(name):
         check_config(compose_config(job))
 
 
-@pytest.mark.parametrize("name", ["fig_main", "fig_main_carer", "fig_main_vit", "fig_main_gpt2"])
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.startswith("fig_main")])
 def test_main_figure_sweeps_run_both_alphas_and_moefication(name):
     """D2DMoE at the experiment's alpha (job 0, the headline), D2DMoE at alpha 0, MoEfication."""
     own_alpha = compose_config([f"experiment={name}"]).sparsity.alpha
