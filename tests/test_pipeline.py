@@ -1,4 +1,5 @@
 """The whole pipeline on the smoke config: phases, reuse of artifacts, the results contract."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,19 @@ def test_pipeline_runs_every_phase_then_reuses_them(smoke_cfg, monkeypatch):
         ("dynk", 0.5, None), ("dynk", 0.9, None), ("topk", None, 1), ("topk", None, 2), ("topk", None, 8)]
     assert both[1] == again[1] and both[-1]["experts_per_token"] == 8
     assert artifact_dirs(root) == {"dense": 1, "sparsify": 1, "split": 1, "routers": 1}
+
+
+def test_a_retrained_dense_model_retrains_what_was_made_from_the_old_one(smoke_cfg):
+    pipeline.run(smoke_cfg)
+    arts = pipeline.artifacts(smoke_cfg)
+    shutil.rmtree(arts["dense"].dir)  # the same config trains it again, under the same name
+    pipeline.run(smoke_cfg)
+    root = Path(smoke_cfg.artifacts_dir)
+    assert artifact_dirs(root) == {"dense": 1, "sparsify": 1, "split": 1, "routers": 1}
+    assert sorted(d.name.rsplit("-", 3)[0] for d in (root / ".stale").iterdir()) == \
+        [arts[p].key for p in ("routers", "sparsify", "split")]
+    dense_id = arts["dense"].lineage()["id"]
+    assert all(arts[p].lineage()["made_from"][arts["dense"].key] == dense_id for p in ("sparsify", "split", "routers"))
 
 
 def run_py(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -182,6 +182,45 @@ def test_a_corrupt_or_mismatched_artifact_is_named(tmp_path):
         art.obtain(lambda: art.load_into(torch.nn.Linear(4, 4)), lambda: pytest.fail("made again"))
 
 
+def test_an_artifact_made_from_a_since_remade_upstream_is_made_again(tmp_path):
+    """Names come from configs: a dense model deleted and retrained keeps its name, so what was made
+    from the old one must not be reused with it."""
+    from d2dmoe.artifacts import Artifact
+
+    def chain():
+        dense = Artifact(tmp_path, "dense", {"x": 1})
+        return dense, Artifact(tmp_path, "sparsify", {"upstream": dense.key}, dense)
+
+    made = []
+
+    def obtain(art):
+        return art.obtain(lambda: art.load_into(torch.nn.Linear(2, 2)),
+                          lambda: (made.append(art.phase) or torch.nn.Linear(2, 2), {}))
+
+    for art in chain():
+        obtain(art)
+    for art in chain():  # the same chain on disk: reused
+        obtain(art)
+    assert made == ["dense", "sparsify"]
+    dense, sparse = chain()
+    assert sparse.lineage()["made_from"] == {dense.key: dense.lineage()["id"]}
+
+    import shutil
+    shutil.rmtree(dense.dir)
+    for art in chain():
+        obtain(art)
+    assert made == ["dense", "sparsify"] * 2
+    assert [d.name.split("-")[0] for d in (tmp_path / ".stale").iterdir()] == ["sparsify"]
+    assert chain()[1].stale_reason() is None
+
+    # saved before lineage was recorded: stale once its upstream carries an id, reusable beside an
+    # upstream that has none either (nothing to check)
+    (sparse.dir / "lineage.json").unlink()
+    assert "dense" in chain()[1].stale_reason()
+    (dense.dir / "lineage.json").unlink()
+    assert chain()[1].stale_reason() is None
+
+
 @pytest.mark.parametrize("data", ["bbc_news", "carer", "fashion_mnist"])
 def test_a_missing_data_path_is_named(data, tmp_path):
     from hydra.utils import instantiate

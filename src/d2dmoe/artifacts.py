@@ -3,6 +3,11 @@ the phase depends on (its own settings plus its upstream phase's key). Writes ar
 directory is filled under a temporary name and renamed into place, so a reader never sees half of it.
 Jobs that need the same missing artifact at once (a joblib or SLURM sweep) take turns through a lock
 file: one makes it, the others wait and load it.
+
+Names come from configs, not from weights, so an artifact also records which upstream artifacts it
+was made from (`lineage.json`: its own id and theirs). One whose upstream on disk has been made
+again since (a deleted dense model retrained, say) is stale: it is set aside under `.stale/` and
+made again, never silently combined with the new upstream.
 """
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import logging
@@ -24,6 +31,7 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
 INFO = "info.json"
+LINEAGE = "lineage.json"
 
 
 def canonical(value):
@@ -46,13 +54,44 @@ class CorruptArtifact(RuntimeError):
 
 
 class Artifact:
-    def __init__(self, root: str | Path, phase: str, spec: dict):
-        self.phase, self.spec = phase, spec
+    def __init__(self, root: str | Path, phase: str, spec: dict, upstream: Artifact | None = None):
+        """upstream: the artifact this phase starts from (its key should be in `spec`)."""
+        self.phase, self.spec, self.upstream = phase, spec, upstream
         self.key = f"{phase}-{config_key(spec)}"
         self.dir = Path(root) / self.key
 
     def exists(self) -> bool:
         return (self.dir / WEIGHTS).is_file()
+
+    def ancestors(self) -> list[Artifact]:
+        """Upstream, its upstream, ... up to the dense model."""
+        chain, art = [], self.upstream
+        while art is not None:
+            chain.append(art)
+            art = art.upstream
+        return chain
+
+    def lineage(self) -> dict:
+        """{"id": this artifact's, "made_from": {ancestor key: its id then}}; empty for one saved before
+        lineage was recorded."""
+        path = self.dir / LINEAGE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def stale_reason(self) -> str | None:
+        """Why the saved artifact cannot come from the ancestors now on disk, or None. An ancestor
+        missing from disk, or itself saved without an id, cannot be checked and passes."""
+        made_from = self.lineage().get("made_from", {})
+        for art in self.ancestors():
+            now = art.lineage().get("id") if art.exists() else None
+            if now is not None and now != made_from.get(art.key):
+                return f"{art.dir} was made again after it"
+        return None
+
+    def set_aside(self, reason: str) -> None:
+        dest = self.dir.parent / ".stale" / f"{self.key}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.dir, dest)
+        log.warning("%s is stale (%s): moved to %s, making it again", self.dir, reason, dest)
 
     @property
     def work_dir(self) -> Path:
@@ -67,6 +106,8 @@ class Artifact:
         save_model(model, str(tmp / WEIGHTS))
         (tmp / SPEC).write_text(json.dumps(self.spec, indent=2, sort_keys=True, default=str))
         (tmp / INFO).write_text(json.dumps(info or {}, indent=2))
+        made_from = {art.key: art.lineage().get("id") for art in self.ancestors() if art.exists()}
+        (tmp / LINEAGE).write_text(json.dumps({"id": uuid.uuid4().hex, "made_from": made_from}, indent=2))
         try:
             os.rename(tmp, self.dir)
         except OSError:  # another job wrote the same artifact first; both are equal, keep theirs
@@ -85,8 +126,9 @@ class Artifact:
                make: Callable[[], tuple[torch.nn.Module, dict]]) -> torch.nn.Module:
         """`load()` if the artifact exists; otherwise, holding its lock, `make()` -> (model, info), saved.
         A job that finds the lock taken waits, then loads what the holder saved. Locks are taken
-        downstream first (routers, then split, ...), always in that order: no deadlock."""
-        if self.exists():
+        downstream first (routers, then split, ...), always in that order: no deadlock. A stale
+        artifact (see `stale_reason`) is set aside, under the lock, and made again."""
+        if self.exists() and self.stale_reason() is None:
             log.info("reusing %s", self.dir)
             return load()
         self.dir.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +139,12 @@ class Artifact:
             log.info("waiting for %s: another job is making it", self.dir)
             lock.acquire()
         try:
-            if self.exists():  # made by the job we waited for
-                log.info("reusing %s", self.dir)
-                return load()
+            if self.exists():
+                reason = self.stale_reason()
+                if reason is None:  # made by the job we waited for
+                    log.info("reusing %s", self.dir)
+                    return load()
+                self.set_aside(reason)
             model, info = make()
             self.save(model, info)
             return model
