@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-def compose_config(overrides=(), artifacts_dir=None):
-    """The real composed config, as run.py sees it (without Hydra's runtime section)."""
+def compose_config(overrides=(), artifacts_dir=None, hydra=False):
+    """The real composed config, as run.py sees it (with Hydra's own section, e.g. the sweep, if `hydra`)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         extra = [f"artifacts_dir={artifacts_dir}"] if artifacts_dir else []
-        return compose(config_name="config", overrides=list(overrides) + extra)
+        return compose(config_name="config", overrides=list(overrides) + extra, return_hydra_config=hydra)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ import itertools
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -25,9 +24,7 @@ def test_every_experiment_composes_and_passes_checks(name):
 def sweep_jobs(name: str) -> list[list[str]]:
     """Each job's overrides in the experiment's sweep (hydra.sweeper.params, a grid; its own or one it
     builds on, as fig_main_vit takes fig_main's)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.params or {}
+    params = compose_config([f"experiment={name}"], hydra=True).hydra.sweeper.params or {}
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     choices = [[f"{o.key_or_group}={v}" for v in o.sweep_iterator()] for o in parsed]
     return [[f"experiment={name}", *job] for job in itertools.product(*choices)]

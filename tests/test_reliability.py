@@ -189,7 +189,7 @@ def test_an_artifact_made_from_a_since_remade_upstream_is_made_again(tmp_path):
 
     def chain():
         dense = Artifact(tmp_path, "dense", {"x": 1})
-        return dense, Artifact(tmp_path, "sparsify", {"upstream": dense.key}, dense)
+        return dense, Artifact(tmp_path, "sparsify", {}, dense)
 
     made = []
 

@@ -55,9 +55,10 @@ class CorruptArtifact(RuntimeError):
 
 class Artifact:
     def __init__(self, root: str | Path, phase: str, spec: dict, upstream: Artifact | None = None):
-        """upstream: the artifact this phase starts from (its key should be in `spec`)."""
-        self.phase, self.spec, self.upstream = phase, spec, upstream
-        self.key = f"{phase}-{config_key(spec)}"
+        """upstream: the artifact this phase starts from; its key joins the spec (and so the hash)."""
+        self.phase, self.upstream = phase, upstream
+        self.spec = spec if upstream is None else {**spec, "upstream": upstream.key}
+        self.key = f"{phase}-{config_key(self.spec)}"
         self.dir = Path(root) / self.key
 
     def exists(self) -> bool:

@@ -136,19 +136,17 @@ def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
     upstream = dense
     if cfg.attention.convert:  # without conversion the chain (and every hash) is what it always was
         training = {k: v for k, v in spec_of(cfg.attention, "attention").items() if k not in ATTENTION_SPLIT_KEYS}
-        upstream = out["attention"] = Artifact(root, "attention", {"upstream": dense.key, "attention": training},
-                                                dense)
+        upstream = out["attention"] = Artifact(root, "attention", {"attention": training}, dense)
     sparsity = spec_of(cfg.sparsity, "sparsity")
     if not cfg.attention.convert:  # settings that change nothing without converted projections
         sparsity = {k: v for k, v in sparsity.items() if k not in SPARSITY_ATTENTION_KEYS}
-    out["sparsify"] = Artifact(root, "sparsify", {"upstream": upstream.key, "sparsity": sparsity}, upstream)
+    out["sparsify"] = Artifact(root, "sparsify", {"sparsity": sparsity}, upstream)
     experts = {k: v for k, v in plain(cfg.experts).items() if k not in EXPERT_KEYS_IGNORED}
-    split_spec = {"upstream": out["sparsify"].key, "experts": experts, "router_hidden": cfg.routing.router.hidden}
+    split_spec = {"experts": experts, "router_hidden": cfg.routing.router.hidden}
     if cfg.attention.convert:
         split_spec["attention"] = {k: cfg.attention[k] for k in ATTENTION_SPLIT_KEYS if k != "convert"}
     out["split"] = Artifact(root, "split", split_spec, out["sparsify"])
-    out["routers"] = Artifact(root, "routers", {"upstream": out["split"].key,
-                                                "router": spec_of(cfg.routing.router, "router")}, out["split"])
+    out["routers"] = Artifact(root, "routers", {"router": spec_of(cfg.routing.router, "router")}, out["split"])
     return out
 
 
