@@ -156,6 +156,11 @@ def main() -> None:
         result["layer"] = layer_rows(args.repeats, args.device, impl, getattr(torch, args.dtype))
         print(f"One layer, 32 x 128 tokens, {device}, {result['threads']} threads, {impl} execution, "
               f"{args.dtype}, medians:\n{show(result['layer'])}\n", flush=True)
+        if impl == "fused":  # the tiles autotuning chose for each layer shape
+            from d2dmoe.fused import CHOSEN
+
+            result["tiles"] = {f"d={v[0]}, expert_size={v[1]}": str(config) for v, config in CHOSEN.items()}
+            print("\n".join(f"{shape}: {config}" for shape, config in result["tiles"].items()), "\n")
     if args.layer_only or gpu:  # keep the earlier whole-model rows
         result.update({k: earlier[k] for k in ("model_overrides", "model_repeats", "model") if k in earlier})
     else:

@@ -2,13 +2,14 @@
 # The GPU checks in one command, for a machine with CUDA, torch and triton of its own and no network
 # (the `device` tool's machines). Their image lacks omegaconf, so bring its wheels once:
 #   python -m pip download --no-deps -d .gpu_wheels omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
-#   bash experiments/gpu_check.sh        # there, carrying .gpu_wheels
+#   bash experiments/gpu_check.sh        # there, carrying .gpu_wheels (IMPLS=fused: the fused kernel alone)
 # 1. the fused Triton kernel against the masked path on the GPU (tests/test_fused.py's check);
-# 2. the layer benchmark, fused kernel and gather path, float32 and bfloat16, into $OUT (or benchmark/).
+# 2. the layer benchmark, fused kernel and gather path, float32 and bfloat16, into $OUT (or benchmark/);
+# 3. where a fused layer's time goes: torch.profiler's GPU kernels for one BERT-base-sized layer.
 # Back here, plot one with: python experiments/fig_wallclock.py --input FILE --name fig_wallclock_cuda
 set -euo pipefail
 export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1
-python3 -c "import omegaconf" 2>/dev/null || python3 -m pip install -q --no-deps .gpu_wheels/*.whl
+python3 -c "import omegaconf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps .gpu_wheels/*.whl
 out=${OUT:-benchmark}
 python3 - <<'PY'
 import torch
@@ -20,8 +21,35 @@ check_fused_equals_masked("cuda")
 print("fused == masked on", torch.cuda.get_device_name(), "torch", torch.__version__)
 PY
 for dtype in float32 bfloat16; do
-  for impl in fused gather; do
+  for impl in ${IMPLS:-fused gather}; do
     python3 experiments/bench_wallclock.py --device cuda --impl "$impl" --dtype "$dtype" --repeats 20 \
       --out "$out/bench_wallclock_cuda_${impl}_${dtype}.json"
   done
 done
+python3 - <<'PY'
+import torch
+from torch import nn
+
+from d2dmoe.moe import FFN, MoE, Router
+
+for dtype in (torch.float32, torch.bfloat16):
+    for E in (128, 32):
+        torch.manual_seed(0)
+        ffn = FFN(nn.Linear(768, 3072), nn.Linear(3072, 768), nn.ReLU())
+        moe = MoE.from_ffn(ffn, list(torch.arange(3072).chunk(E)), Router(768, E)).to("cuda", dtype)
+        moe.impl = "fused"
+        x = torch.randn(32, 128, 768, device="cuda", dtype=dtype)  # [B, T, d]
+        mask = torch.rand(32, 128, E, device="cuda") < 0.25
+        moe.gate = lambda scores, m=mask: m  # a quarter of the experts, at random
+        with torch.inference_mode():
+            for _ in range(3):
+                moe(x)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    moe(x)
+                torch.cuda.synchronize()
+        print(f"\nfused layer, d=768, d_ff=3072, {E} experts, 1/4 of them per token, {dtype}, 10 calls:")
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=60))
+PY

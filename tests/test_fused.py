@@ -85,26 +85,33 @@ def test_fused_equals_masked_in_triton_interpreter():
     assert "fused == masked" in run.stdout
 
 
+def compile_for_sm90(act, gated, dtype, S, config):
+    """Triton's compiler takes the kernel, launched as fused_experts launches it, all the way to an
+    sm_90 binary, with no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from d2dmoe.fused import _experts_kernel, block_s
+
+    signature = {name: f"*{dtype}" for name in ("x_ptr", "w1_ptr", "b1_ptr", "up_ptr", "w2_ptr")}
+    signature |= {"tokens_ptr": "*i32", "counts_ptr": "*i32", "out_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32"}
+    constants = {"ACT": act, "GATED": gated, "PRECISION": "tf32", "BLOCK_S": block_s(S), **config.kwargs}
+    signature |= {name: "constexpr" for name in constants}
+    kernel = triton.compile(ASTSource(_experts_kernel, signature, constexprs=constants),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+    assert kernel.asm["cubin"]
+    return kernel
+
+
 @pytest.mark.parametrize("act,gated,dtype,S", [("relu", False, "fp32", 12), ("relu", False, "fp32", 96),
                                                ("gelu", True, "bf16", 24), ("gelu_tanh", False, "fp16", 40),
                                                ("silu", True, "fp32", 64), ("silu", True, "bf16", 128)])
 def test_fused_kernel_compiles_for_gpu_without_spills(act, gated, dtype, S, tmp_path):
-    """Triton's compiler takes the kernel, launched as fused_experts launches it, all the way to an
-    sm_90 binary with no GPU; its bundled ptxas reports no register spills."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """The first tile configuration (the interpreter's, and autotuning's fallback) compiles with no
+    register spills by the ptxas Triton bundles."""
+    from d2dmoe.fused import CONFIGS
 
-    from d2dmoe.fused import BLOCK_D, BLOCK_T, _experts_kernel, launch_config
-
-    signature = {name: f"*{dtype}" for name in ("x_ptr", "w1_ptr", "b1_ptr", "up_ptr", "w2_ptr")}
-    signature |= {"tokens_ptr": "*i32", "counts_ptr": "*i32", "out_ptr": "*fp32", "N": "i32", "D": "i32", "S": "i32"}
-    config = launch_config(S)
-    constants = {"ACT": act, "GATED": gated, "PRECISION": "tf32", "BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D,
-                 "BLOCK_S": config["BLOCK_S"]}
-    signature |= {name: "constexpr" for name in constants}
-    kernel = triton.compile(ASTSource(_experts_kernel, signature, constexprs=constants),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": config["num_warps"]})
-    assert kernel.asm["cubin"]
+    kernel = compile_for_sm90(act, gated, dtype, S, CONFIGS[0])
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("triton ships no ptxas here")
@@ -113,6 +120,14 @@ def test_fused_kernel_compiles_for_gpu_without_spills(act, gated, dtype, S, tmp_
     report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
                             capture_output=True, text=True, check=True).stderr
     assert "0 bytes spill stores" in report, report
+
+
+@pytest.mark.parametrize("act,gated,dtype,S", [("relu", False, "fp32", 96), ("silu", True, "bf16", 128)])
+def test_every_autotuning_config_compiles_for_gpu(act, gated, dtype, S):
+    from d2dmoe.fused import CONFIGS
+
+    for config in CONFIGS[1:]:
+        compile_for_sm90(act, gated, dtype, S, config)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

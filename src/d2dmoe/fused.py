@@ -21,16 +21,19 @@ import triton.language as tl
 from torch import nn
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_T = 32  # tokens per program
-BLOCK_D = 32  # model-width tile
 MAX_BLOCK_S = 64  # expert-neuron tile; wider experts loop over tiles
+# Tokens per program (BLOCK_T) and model-width tile (BLOCK_D): on a GPU, the fastest of these for
+# each layer shape and dtype is chosen on first use (triton.autotune). The first never spills
+# registers on sm_90 (ptxas, tested) and is the one the interpreter runs; larger tiles spill in some
+# variants (fp32, gated, wide experts), where autotuning's timing decides whether they still pay.
+CONFIGS = [triton.Config({"BLOCK_T": t, "BLOCK_D": d}, num_warps=w)
+           for t, d, w in ((32, 32, 8), (64, 32, 8), (128, 32, 8), (32, 64, 8), (64, 64, 8), (32, 32, 4),
+                           (64, 32, 4))]
 
 
-def launch_config(S: int) -> dict:
-    """The expert-neuron tile and warps for experts of S neurons. tl.dot needs tiles >= 16; 8 warps
-    for the wider tiles keep every variant free of register spills on sm_90 (ptxas, tested)."""
-    block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(S)))
-    return {"BLOCK_S": block_s, "num_warps": 4 if block_s <= 16 else 8}
+def block_s(S: int) -> int:
+    """The expert-neuron tile for experts of S neurons: tl.dot needs tiles of at least 16."""
+    return min(MAX_BLOCK_S, max(16, triton.next_power_of_2(S)))
 
 
 PROBE = torch.linspace(-6, 6, 241)
@@ -119,7 +122,14 @@ def _experts_kernel(x_ptr, tokens_ptr, counts_ptr, w1_ptr, b1_ptr, up_ptr, w2_pt
                 w2b = tl.load(w2_ptr + e_off + d_idx[None, :] * S + s_idx[:, None],
                               mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [BS, BD]
                 tl.atomic_add(out_ptr + token[:, None] * D + d_idx[None, :], tl.dot(h, w2b, input_precision=PRECISION),
-                              mask=row_ok[:, None] & d_ok[None, :])
+                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")  # nothing reads out before the end
+
+
+# out is restored after each timed trial: the trials add into it
+_tuned_kernel = triton.autotune(CONFIGS, key=["D", "S"], restore_value=["out_ptr"])(_experts_kernel)
+# autotuning's choice for each kernel variant: later calls launch it directly, without the
+# autotuner's per-call argument handling on the host
+CHOSEN: dict[tuple, triton.Config] = {}
 
 
 def precision() -> str:
@@ -143,14 +153,25 @@ def fused_experts(x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: tor
         raise ValueError(f"experts.impl=fused runs on a CUDA GPU; this layer's input is on {x.device}")
     N, D = x.shape
     E, S, _ = w1.shape
-    out = b2.float().expand(N, D).contiguous()  # float32: the atomic adds accumulate here
+    out = torch.empty(N, D, device=x.device, dtype=torch.float32).copy_(b2)  # float32: the atomic adds accumulate here
     if N == 0:  # an empty batch: no programs to launch
         return out.to(x.dtype)
     tokens, counts = expert_tokens(mask)
     w1, w2 = w1.contiguous(), w2.contiguous()
-    grid = (E, triton.cdiv(N, BLOCK_T))
-    _experts_kernel[grid](x.contiguous(), tokens, counts, w1, b1.contiguous(),
-                          w1 if up is None else up.contiguous(), w2, out, N, D, S,
-                          ACT=activation_name(act), GATED=up is not None, PRECISION=precision(),
-                          BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, **launch_config(S))
+    args = (x.contiguous(), tokens, counts, w1, b1.contiguous(), w1 if up is None else up.contiguous(), w2, out,
+            N, D, S)
+    constants = {"ACT": activation_name(act), "GATED": up is not None, "PRECISION": precision(),
+                 "BLOCK_S": block_s(S)}
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return E, triton.cdiv(N, meta["BLOCK_T"])
+
+    variant = (D, S, x.dtype, *constants.values())
+    config = CONFIGS[0] if INTERPRET else CHOSEN.get(variant)  # autotuning times trials on a GPU
+    if config is None:
+        _tuned_kernel[grid](*args, **constants)
+        CHOSEN[variant] = _tuned_kernel.best_config
+    else:
+        _experts_kernel[grid(config.kwargs)](*args, **constants, **config.kwargs, num_warps=config.num_warps,
+                                             num_stages=config.num_stages)
     return out.to(x.dtype)
