@@ -9,7 +9,7 @@
 Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
 
     python experiments/bench_wallclock.py [hydra overrides for part 2] [--repeats 5] [--layer-only | --model-only]
-    python experiments/bench_wallclock.py --device cuda [--dtype bfloat16]   # part 1 on a GPU, fused kernel
+    python experiments/bench_wallclock.py --device cuda [--dtype bfloat16] [--cuda-graph]   # part 1 on a GPU, fused kernel
 
 --layer-only measures part 1 and keeps the whole-model rows already in the output file;
 --model-only measures part 2 and keeps the layer rows. --device cuda measures part 1 only, with
@@ -33,8 +33,12 @@ SIZES = {"minilm": (384, 1536), "bert_base": (768, 3072)}  # d, d_ff
 EXPERTS = (128, 32)
 
 
-def median_ms(fn, repeats: int, device: str = "cpu") -> float:
+def median_ms(fn, repeats: int, device: str = "cpu", cuda_graph: bool = False) -> float:
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None  # GPU work is asynchronous
+    if cuda_graph:  # the host launches the whole call at once: the time is the GPU's
+        from d2dmoe.fused import capture
+
+        fn = capture(fn)[0].replay
     fn()  # warm-up (on a GPU also the kernel's compilation)
     times = []
     for _ in range(repeats):
@@ -47,7 +51,7 @@ def median_ms(fn, repeats: int, device: str = "cpu") -> float:
 
 
 def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather",
-               dtype: torch.dtype = torch.float32) -> list[dict]:
+               dtype: torch.dtype = torch.float32, cuda_graph: bool = False) -> list[dict]:
     rows = []
     for (name, (d, d_ff)), E in ((size, E) for size in SIZES.items() for E in EXPERTS):
         torch.manual_seed(0)
@@ -57,14 +61,14 @@ def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather",
         moe.impl = impl
         x = torch.randn(32, 128, d, device=device, dtype=dtype)  # [B, T, d]
         with torch.inference_mode():
-            dense_ms = median_ms(lambda: ffn(x), repeats, device)
+            dense_ms = median_ms(lambda: ffn(x), repeats, device, cuda_graph)
         for fraction in FRACTIONS:
             k = max(1, round(fraction * E))
             chosen = torch.rand(32, 128, E).topk(k, dim=-1).indices
             mask = torch.zeros(32, 128, E, dtype=torch.bool).scatter_(-1, chosen, True).to(device)
             moe.gate = lambda scores, m=mask: m  # exactly k random experts per token
             with torch.inference_mode():
-                moe_ms = median_ms(lambda: moe(x), repeats, device)
+                moe_ms = median_ms(lambda: moe(x), repeats, device, cuda_graph)
             router = d * 128 + 128 * E
             flop_ratio = (router + k * 2 * d * (d_ff // E)) / (2 * d * d_ff)
             rows.append({"size": name, "experts": E, "expert_size": d_ff // E, "fraction": k / E, "moe_ms": round(moe_ms, 2),
@@ -133,6 +137,8 @@ def main() -> None:
     parser.add_argument("--impl", choices=["gather", "fused"], help="the layer table's execution "
                         "(default: gather on cpu, fused on cuda)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time each layer call as a CUDA graph replay (cuda, fused): the GPU's time alone")
     parser.add_argument("--out", help="default benchmark/bench_wallclock.json (cpu), "
                         "benchmark/bench_wallclock_cuda.json (cuda)")
     args = parser.parse_args()
@@ -144,18 +150,21 @@ def main() -> None:
     impl = args.impl or ("fused" if gpu else "gather")
     if impl == "fused" and (reason := fused_unavailable()):
         parser.error(reason)
+    if args.cuda_graph and not (gpu and impl == "fused"):
+        parser.error("--cuda-graph needs --device cuda and the fused execution (gather waits on the host)")
 
     out = Path(args.out or f"benchmark/bench_wallclock{'_cuda' if gpu else ''}.json")
     earlier = json.loads(out.read_text()) if out.exists() else {}
     device = torch.cuda.get_device_name() if gpu else "cpu"
     result = {"threads": torch.get_num_threads(), "device": device, "repeats": args.repeats, "impl": impl,
-              "dtype": args.dtype}
+              "dtype": args.dtype, "cuda_graph": args.cuda_graph}
     if args.model_only:  # keep the earlier layer rows ("repeats" is the layer table's)
         result.update({k: earlier[k] for k in ("repeats", "impl", "dtype", "layer") if k in earlier})
     else:
-        result["layer"] = layer_rows(args.repeats, args.device, impl, getattr(torch, args.dtype))
+        result["layer"] = layer_rows(args.repeats, args.device, impl, getattr(torch, args.dtype), args.cuda_graph)
         print(f"One layer, 32 x 128 tokens, {device}, {result['threads']} threads, {impl} execution, "
-              f"{args.dtype}, medians:\n{show(result['layer'])}\n", flush=True)
+              f"{args.dtype}{', CUDA graph replays' if args.cuda_graph else ''}, medians:\n{show(result['layer'])}\n",
+              flush=True)
         if impl == "fused":  # the tiles autotuning chose for each layer shape
             from d2dmoe.fused import CHOSEN
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, for a machine with CUDA, torch and triton of its own and no network
 # (the `device` tool's machines). Their image lacks omegaconf, so bring its wheels once:
-#   python -m pip download --no-deps -d .gpu_wheels omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
-#   bash experiments/gpu_check.sh        # there, carrying .gpu_wheels (IMPLS=fused: the fused kernel alone)
+#   python -m pip download --no-deps -d .gpu_wheels omegaconf==2.3.1
+#   python -m pip wheel --no-deps -w .gpu_wheels antlr4-python3-runtime==4.9.3   # PyPI has only its sources
+#   bash experiments/gpu_check.sh        # there, carrying .gpu_wheels
+# IMPLS=fused skips the gather path's eager tables, IMPLS= both executions' (the CUDA graph tables stay).
 # 1. the fused Triton kernel against the masked path on the GPU (tests/test_fused.py's check);
-# 2. the layer benchmark, fused kernel and gather path, float32 and bfloat16, into $OUT (or benchmark/);
+# 2. the fused layer in a CUDA graph against eager; the layer benchmark, fused kernel and gather path,
+#    float32 and bfloat16, and the fused kernel again as CUDA graph replays, into $OUT (or benchmark/);
 # 3. where a fused layer's time goes: torch.profiler's GPU kernels for one BERT-base-sized layer.
 # Back here, plot one with: python experiments/fig_wallclock.py --input FILE --name fig_wallclock_cuda
 set -euo pipefail
@@ -14,17 +17,21 @@ out=${OUT:-benchmark}
 python3 - <<'PY'
 import torch
 
-from tests.test_fused import check_fused_equals_masked
+from tests.test_fused import check_fused_equals_masked, check_fused_in_cuda_graph
 
 torch.backends.cuda.matmul.allow_tf32 = False  # the kernel follows torch's setting; compare exactly
 check_fused_equals_masked("cuda")
 print("fused == masked on", torch.cuda.get_device_name(), "torch", torch.__version__)
+check_fused_in_cuda_graph()
+print("fused in a CUDA graph == fused eager")
 PY
 for dtype in float32 bfloat16; do
-  for impl in ${IMPLS:-fused gather}; do
+  for impl in ${IMPLS-fused gather}; do
     python3 experiments/bench_wallclock.py --device cuda --impl "$impl" --dtype "$dtype" --repeats 20 \
       --out "$out/bench_wallclock_cuda_${impl}_${dtype}.json"
   done
+  python3 experiments/bench_wallclock.py --device cuda --cuda-graph --dtype "$dtype" --repeats 20 \
+    --out "$out/bench_wallclock_cuda_graph_fused_${dtype}.json"
 done
 python3 - <<'PY'
 import torch

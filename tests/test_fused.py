@@ -60,6 +60,24 @@ def check_fused_equals_masked(device: str = "cpu") -> None:
                 torch.testing.assert_close(out, moe.masked(x, mask), rtol=1e-4, atol=1e-4)
 
 
+def check_fused_in_cuda_graph() -> None:
+    """The fused path never waits on the host, so a layer with a real dynamic-k gate can be captured
+    in a CUDA graph; replayed on new inputs, it gives what eager execution gives."""
+    from d2dmoe.fused import capture
+    from d2dmoe.moe import DynamicKGate
+
+    moe = layer(*CASES[2]).to("cuda")
+    set_impl(moe, "fused")
+    moe.gate = DynamicKGate(0.3)
+    x = torch.randn(4, 50, CASES[2][0], device="cuda")
+    with torch.inference_mode():
+        graph, captured = capture(lambda: moe(x))
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.testing.assert_close(captured, moe(x), rtol=1e-5, atol=1e-5)  # atomics add in any order
+
+
 def check_converted_models() -> None:
     """Whole converted models (BERT with its attention projections converted too; a gated LLaMA):
     fused gives the gather outputs."""
@@ -134,6 +152,11 @@ def test_every_autotuning_config_compiles_for_gpu(act, gated, dtype, S):
 def test_fused_equals_masked_on_gpu():
     torch.backends.cuda.matmul.allow_tf32 = False
     check_fused_equals_masked("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_layer_runs_in_a_cuda_graph():
+    check_fused_in_cuda_graph()
 
 
 def test_fused_needs_a_gpu_and_a_known_activation(monkeypatch):

@@ -132,6 +132,21 @@ _tuned_kernel = triton.autotune(CONFIGS, key=["D", "S"], restore_value=["out_ptr
 CHOSEN: dict[tuple, triton.Config] = {}
 
 
+def capture(fn):
+    """fn run once on a side stream (autotuning, compilation and lazily made library state happen
+    there), then captured in a CUDA graph. Returns the graph and the captured call's output, which
+    each graph.replay() rewrites. Fused MoE layers never wait on the host, so they can be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def precision() -> str:
     """float32 matmuls as torch does them: tf32 only where torch allows it."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
