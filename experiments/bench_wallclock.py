@@ -50,15 +50,21 @@ def median_ms(fn, repeats: int, device: str = "cpu", cuda_graph: bool = False) -
     return statistics.median(times)
 
 
+def layer_pair(d: int, d_ff: int, E: int, device: str, dtype: torch.dtype, impl: str) -> tuple[FFN, MoE]:
+    """A random dense MLP (ReLU) and the MoE cut from it into E experts, executing with `impl`."""
+    torch.manual_seed(0)
+    ffn = FFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), nn.ReLU())
+    moe = MoE.from_ffn(ffn, list(torch.arange(d_ff).chunk(E)), Router(d, E))
+    ffn, moe = ffn.to(device, dtype), moe.to(device, dtype)
+    moe.impl = impl
+    return ffn, moe
+
+
 def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather",
                dtype: torch.dtype = torch.float32, cuda_graph: bool = False) -> list[dict]:
     rows = []
     for (name, (d, d_ff)), E in ((size, E) for size in SIZES.items() for E in EXPERTS):
-        torch.manual_seed(0)
-        ffn = FFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), nn.ReLU())
-        moe = MoE.from_ffn(ffn, list(torch.arange(d_ff).chunk(E)), Router(d, E))
-        ffn, moe = ffn.to(device, dtype), moe.to(device, dtype)
-        moe.impl = impl
+        ffn, moe = layer_pair(d, d_ff, E, device, dtype, impl)
         x = torch.randn(32, 128, d, device=device, dtype=dtype)  # [B, T, d]
         with torch.inference_mode():
             dense_ms = median_ms(lambda: ffn(x), repeats, device, cuda_graph)

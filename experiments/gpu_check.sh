@@ -35,16 +35,12 @@ for dtype in float32 bfloat16; do
 done
 python3 - <<'PY'
 import torch
-from torch import nn
 
-from d2dmoe.moe import FFN, MoE, Router
+from experiments.bench_wallclock import layer_pair
 
 for dtype in (torch.float32, torch.bfloat16):
     for E in (128, 32):
-        torch.manual_seed(0)
-        ffn = FFN(nn.Linear(768, 3072), nn.Linear(3072, 768), nn.ReLU())
-        moe = MoE.from_ffn(ffn, list(torch.arange(3072).chunk(E)), Router(768, E)).to("cuda", dtype)
-        moe.impl = "fused"
+        _, moe = layer_pair(768, 3072, E, "cuda", dtype, "fused")
         x = torch.randn(32, 128, 768, device="cuda", dtype=dtype)  # [B, T, d]
         mask = torch.rand(32, 128, E, device="cuda") < 0.25
         moe.gate = lambda scores, m=mask: m  # a quarter of the experts, at random
