@@ -18,6 +18,7 @@ from d2dmoe.figures import (
     COST_LABEL,
     TAU_NOTE,
     MissingRuns,
+    default_alpha,
     load_runs,
     metric_label,
     pyplot,
@@ -27,7 +28,7 @@ from d2dmoe.figures import (
 from d2dmoe.results import TOLERANCE, cheapest_within
 from d2dmoe.results import label as label_of
 
-DEFAULT_ALPHA = 0.01
+DEFAULT_ALPHA = default_alpha()  # the phases' D2DMoE: the built-in default's alpha
 ABLATIONS = {
     "phases": ("phase by phase", {
         "MoEfication (alpha 0, BCE router, top-k)": {"alpha": 0.0, "router": "moefication", "rule": "topk"},

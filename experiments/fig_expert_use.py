@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from d2dmoe.figures import TAU_NOTE, MissingRuns, load_runs, pyplot, save, select
+from d2dmoe.figures import TAU_NOTE, MissingRuns, default_alpha, load_runs, pyplot, save, select
 
 COMMAND = "python run.py -m experiment=fig_expert_use"
 
@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", default=["results/fig_expert_use"])
     parser.add_argument("--tau", type=float, default=0.3)
-    parser.add_argument("--alphas", type=float, nargs=2, default=[0.0, 0.01], metavar=("RELU_ONLY", "SPARSIFIED"))
+    parser.add_argument("--alphas", type=float, nargs=2, default=[0.0, default_alpha()],
+                        metavar=("RELU_ONLY", "SPARSIFIED"))
     parser.add_argument("--out", default="figures")
     args = parser.parse_args(argv)
 

@@ -13,7 +13,17 @@ import sys
 
 import numpy as np
 
-from d2dmoe.figures import COST_LABEL, TAU_NOTE, MissingRuns, load_runs, metric_label, pyplot, save, select
+from d2dmoe.figures import (
+    COST_LABEL,
+    TAU_NOTE,
+    MissingRuns,
+    default_alpha,
+    load_runs,
+    metric_label,
+    pyplot,
+    save,
+    select,
+)
 
 COMMAND = "python run.py -m experiment=fig_motivation"
 ALPHAS = (0.0, 0.003, 0.01, 0.03)
@@ -23,7 +33,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", default=["results/fig_motivation"])
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
-    parser.add_argument("--alpha", type=float, default=0.01, help="the run whose rules panel (c) compares")
+    parser.add_argument("--alpha", type=float, default=default_alpha(),
+                        help="the run whose rules panel (c) compares (default: the built-in default's)")
     parser.add_argument("--out", default="figures")
     args = parser.parse_args(argv)
 

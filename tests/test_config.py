@@ -119,6 +119,12 @@ def test_moefication_method_holds_under_every_experiment(experiment):
     assert (ablation.sparsity.alpha, ablation.routing.rule) == (0.01, "dynk")
 
 
+def test_plus_sparsity_arm_repeats_the_default_alpha():
+    """The phases ablation's "+ sparsity" arm is MoEfication with the default's penalty: a method's
+    settings override the sparsity group, so the arm repeats the value and must follow it."""
+    assert compose_config(["ablation=plus_sparsity"]).sparsity.alpha == compose_config([]).sparsity.alpha
+
+
 def test_unknown_model_or_data_name_lists_the_choices():
     for group in ("model", "data"):
         with pytest.raises(HydraException, match=f"Available options in '{group}'"):

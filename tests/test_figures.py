@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2dmoe.figures import MissingRuns, frontier, load_runs, select, value_at
+from d2dmoe.figures import MissingRuns, default_alpha, frontier, load_runs, select, value_at
 from d2dmoe.results import write_points
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 LAYERS, EXPERTS = 2, 8
+DEFAULT_ALPHA = default_alpha()  # the sparsified run the expert-use and phases figures look for
 
 
 def script(name: str):
@@ -122,7 +123,7 @@ def test_fig_motivation(tmp_path):
 
 
 def test_fig_expert_use(tmp_path):
-    for i, alpha in enumerate((0.0, 0.01)):
+    for i, alpha in enumerate((0.0, DEFAULT_ALPHA)):
         make_run(tmp_path / "sweep" / str(i), {"alpha": alpha}, {"dynk": DYNK})
     script("fig_expert_use").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path), "--tau", "0.3"])
     assert outputs(tmp_path, "fig_expert_use")
@@ -141,9 +142,9 @@ def test_fig_patch_map(tmp_path):
 
 ABLATION_RUNS = {
     "phases": [{"alpha": 0.0, "router": "moefication", "rule": "topk"},
-               {"alpha": 0.01, "router": "moefication", "rule": "topk"},
-               {"alpha": 0.01, "router": "regression", "rule": "topk"},
-               {"alpha": 0.01, "router": "regression", "rule": "dynk"}],
+               {"alpha": DEFAULT_ALPHA, "router": "moefication", "rule": "topk"},
+               {"alpha": DEFAULT_ALPHA, "router": "regression", "rule": "topk"},
+               {"alpha": DEFAULT_ALPHA, "router": "regression", "rule": "dynk"}],
     "alpha": [{"alpha": a, "rule": "dynk"} for a in (0.0, 0.003, 0.01, 0.03)],
     "expert_size": [{"num_experts": e, "rule": "dynk"} for e in (32, 64, 128, 256)],
     "activation": [{"activation": a, "rule": "dynk"} for a in ("relu", "keep")],

@@ -8,13 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
+from .console import CONF
 from .results import read_points, read_stats
 
 COST_LABEL = "relative cost (MACs per sample / dense MACs)"
 TAU_NOTE = "dynamic-k: expert e runs iff $r_e \\geq \\tau \\max_j r_j$"
 SETTING_KEYS = ("model", "data", "method", "router", "alpha", "activation", "num_experts", "expert_size",
                 "attention")
+
+
+def default_alpha() -> float:
+    """The built-in default's sparsity penalty weight (conf/sparsity/hoyer.yaml): the run the
+    figures show as "sparsified" or "D2DMoE" unless told otherwise."""
+    return float(OmegaConf.load(CONF / "sparsity" / "hoyer.yaml").alpha)
 
 
 class MissingRuns(Exception):
