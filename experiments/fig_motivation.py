@@ -13,17 +13,8 @@ import sys
 
 import numpy as np
 
-from d2dmoe.figures import (
-    COST_LABEL,
-    TAU_NOTE,
-    MissingRuns,
-    default_alpha,
-    load_runs,
-    metric_label,
-    pyplot,
-    save,
-    select,
-)
+from d2dmoe.figures import COST_LABEL, TAU_NOTE, MissingRuns, load_runs, metric_label, pyplot, save, select
+from d2dmoe.figures import default_alpha
 
 COMMAND = "python run.py -m experiment=fig_motivation"
 ALPHAS = (0.0, 0.003, 0.01, 0.03)
