@@ -7,6 +7,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from d2dmoe.figures import default_alpha
 from d2dmoe.models import Dims
 from d2dmoe.validate import ConfigError, check_config, check_model
 from tests.conftest import CONF, compose_config
@@ -119,10 +120,13 @@ def test_moefication_method_holds_under_every_experiment(experiment):
     assert (ablation.sparsity.alpha, ablation.routing.rule) == (0.01, "dynk")
 
 
-def test_plus_sparsity_arm_repeats_the_default_alpha():
+def test_plus_sparsity_arm_and_figures_repeat_the_default_alpha():
     """The phases ablation's "+ sparsity" arm is MoEfication with the default's penalty: a method's
-    settings override the sparsity group, so the arm repeats the value and must follow it."""
-    assert compose_config(["ablation=plus_sparsity"]).sparsity.alpha == compose_config([]).sparsity.alpha
+    settings override the sparsity group, so the arm repeats the value and must follow it. The figure
+    scripts read the group file alone (no Hydra at import), which must give the composed default."""
+    default = compose_config([]).sparsity.alpha
+    assert compose_config(["ablation=plus_sparsity"]).sparsity.alpha == default
+    assert default_alpha() == default
 
 
 def test_unknown_model_or_data_name_lists_the_choices():
