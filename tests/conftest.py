@@ -26,3 +26,20 @@ def compose_config(overrides=(), artifacts_dir=None, hydra=False):
 def smoke_cfg(tmp_path):
     """The smoke experiment (tiny BERT, a slice of BBC News), with its artifacts under tmp_path."""
     return compose_config(["experiment=smoke"], artifacts_dir=tmp_path / "artifacts")
+
+
+def every_config_overrides() -> list[list[str]]:
+    """Overrides that together compose every option of every config group (every experiment
+    included), so that a walk over their keys sees every key a run can have."""
+    out = [[]]
+    for path in sorted(CONF.rglob("*.yaml")):
+        group = path.parent.relative_to(CONF).as_posix()
+        if group != ".":
+            out.append([f"{group}={path.stem}"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def every_config():
+    """(overrides, composed config) for every_config_overrides(); composed once per test session."""
+    return [(o, compose_config(o)) for o in every_config_overrides()]

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from d2dmoe.figures import default_alpha
 from d2dmoe.models import Dims
-from d2dmoe.validate import ConfigError, check_config, check_model
+from d2dmoe.validate import CHECKS, ConfigError, Rule, check_config, check_model, config_keys, decision
 from tests.conftest import CONF, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -86,6 +86,61 @@ def test_bad_values_name_the_key(overrides, key):
         check_config(compose_config(overrides))
     assert err.value.key == key
     assert str(err.value).startswith(key)
+
+
+@pytest.mark.parametrize("override", [
+    "routing.router.lr=-0.001", "dense.lr=0", "sparsity.lr=-1", "attention.lr=0", "data.batch_size=0",
+    "data.eval_batch_size=-4", "sparsity.epochs=-2", "dense.epochs=1.5", "routing.router.epochs=-1",
+    "sparsity.max_steps=-2", "dense.max_steps=0.5", "routing.router.hidden=0", "attention.router_hidden=0",
+    "attention.num_experts=0", "data.limit_train=0", "data.limit_eval=-1", "data.max_length=0",
+    "experts.num_experts=0", "experts.kmeans_n_init=0", "routing.rule=sometimes", "routing=topk routing.ks=[1.5]",
+    "convert.budget=0", "convert.budget=null", "convert.layer_taus=[0.5,2]", "convert.profile_batches=0",
+    "convert.per_layer=maybe", "convert.out=''", "sparsity.weight_decay=-0.1", "dense.warmup_fraction=1.5",
+    "data.val_fraction=0", "data.test_fraction=1", "checkpoint_every=-1", "logger.mode=sometimes",
+    "sparsity.alpha=nan", "routing.taus=[0.5,.nan]",
+])
+def test_each_bad_value_fails_before_compute_naming_its_key(override):
+    key = override.split()[-1].split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{key}: ") as err:
+        check_config(compose_config(override.split()))
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("override", [
+    "sparsity.max_steps=-1", "sparsity.max_steps=0", "dense.epochs=0", "data.limit_train=null",
+    "data.limit_train=1", "convert.profile_batches=null", "routing.router.hidden=1", "sparsity.alpha=0",
+    "convert.budget=2", "routing.taus=[0,1]", "dense.warmup_fraction=0", "checkpoint_every=0",
+    "sparsity.attention_lr=null", "data.batch_size=1",
+])
+def test_values_at_the_edge_of_the_allowed_range_pass(override):
+    check_config(compose_config([override]))
+
+
+def test_every_config_key_is_checked_or_deliberately_not(every_config):
+    """A key added to conf/ later fails here until validate.CHECKS decides how to check it (or says
+    why not)."""
+    undecided = {k for _, cfg in every_config for k in config_keys(cfg) if decision(k) is None}
+    assert not undecided, f"keys without an entry in validate.CHECKS: {sorted(undecided)}"
+
+
+def test_every_check_applies_to_a_real_key_and_fires(every_config):
+    """Each rule names a key some config has (no typo leaves it idle), and check_config enforces it:
+    a value the rule rejects stops with that key."""
+    from omegaconf import OmegaConf
+
+    candidates = [-2, -1, 0, 0.5, 1.5, "", "nonsense", None, [], [-1], [2.5], True]
+    for key, rule in CHECKS.items():
+        if not isinstance(rule, Rule):
+            continue
+        holders = [o for o, cfg in every_config if OmegaConf.select(cfg, key, default=KeyError) is not KeyError]
+        assert holders, f"validate.CHECKS checks {key}, which no config has"
+        bad = [v for v in candidates if not rule.ok(v)]
+        assert bad, key
+        cfg = compose_config(holders[0])
+        OmegaConf.update(cfg, key, bad[0], force_add=True)
+        with pytest.raises(ConfigError) as err:
+            check_config(cfg)
+        assert err.value.key == key, (key, bad[0], str(err.value))
 
 
 MINILM = Dims(layers=6, d=384, d_ff=1536, num_labels=5)

@@ -74,6 +74,16 @@ def test_router_shape_and_sign():
     assert (router(torch.randn(4, 16)) >= 0).all()
 
 
+def test_regression_router_scores_are_the_absolute_outputs():
+    """abs, not relu: a negative output is a large score too, and keeps its gradient."""
+    torch.manual_seed(0)
+    router = Router(16, 6, hidden=32)
+    x = torch.randn(50, 16)
+    out = router.logits(x)
+    assert (out < 0).any()
+    assert torch.equal(router(x), out.abs())
+
+
 def test_moefication_router_has_the_same_parameters_with_tanh_and_sigmoid_scores():
     torch.manual_seed(0)
     regression = Router(16, 6, hidden=32)
@@ -127,11 +137,91 @@ def test_topk_selects_exactly_k_largest(scores, k):
     assert (scores[mask] >= kth.expand_as(scores)[mask]).all()
 
 
-def test_gates_reject_bad_values():
-    with pytest.raises(ValueError, match="tau"):
-        DynamicKGate(1.5)
-    with pytest.raises(ValueError, match="k"):
-        TopKGate(0)
+@pytest.mark.parametrize("tau", [-0.01, 1.01, float("nan"), "0.5", None, True])
+def test_dynk_gate_rejects_a_tau_outside_0_1(tau):
+    with pytest.raises(ValueError, match="tau must be a number in \\[0, 1\\]"):
+        DynamicKGate(tau)
+
+
+@pytest.mark.parametrize("tau", [0, 0.0, 0.3, 1, 1.0])
+def test_dynk_gate_takes_any_tau_in_0_1(tau):
+    assert DynamicKGate(tau).tau == float(tau)
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, "2", None, True])
+def test_topk_gate_rejects_a_k_below_1_or_not_whole(k):
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        TopKGate(k)
+
+
+@pytest.mark.parametrize("k", [1, 7, 1000])
+def test_topk_gate_takes_any_k_from_1(k):
+    scores = torch.rand(3, 7)
+    assert (TopKGate(k)(scores).sum(-1) == min(k, 7)).all()  # k >= E: every expert
+
+
+EDGE_GATES = [DynamicKGate(0.0), DynamicKGate(0.5), DynamicKGate(1.0), TopKGate(1), TopKGate(3)]
+
+
+@pytest.mark.parametrize("gate", EDGE_GATES, ids=repr)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_token_with_a_non_finite_score_runs_every_expert(gate, bad):
+    """The pinned rule (moe.run_all_if_unscored): that token gets the dense FFN, the others keep
+    their own selection."""
+    torch.manual_seed(0)
+    scores = torch.rand(2, 4, 6)
+    expected = gate(scores)
+    scores[1, 2, 3] = bad
+    mask = gate(scores)
+    assert mask[1, 2].all()
+    expected[1, 2] = True
+    assert torch.equal(mask, expected)
+
+
+def test_an_moe_whose_router_gives_nan_computes_the_dense_ffn():
+    ffn = random_ffn()
+    moe, _ = split_ffn(ffn, 4)
+    with torch.no_grad():
+        moe.router.net[0].weight[0, 0] = float("nan")
+    x = torch.randn(2, 5, 16)
+    for impl in ("masked", "gather"):
+        moe.impl, moe.gate = impl, DynamicKGate(1.0)
+        with torch.no_grad():
+            torch.testing.assert_close(moe(x), ffn(x), rtol=1e-5, atol=1e-6)
+        assert moe.last_mask.all()
+
+
+def test_all_zero_scores():
+    """Every expert ties at the maximum 0: dynamic-k runs them all at every tau; top-k the first k."""
+    zeros = torch.zeros(2, 5)
+    for tau in (0.0, 0.5, 1.0):
+        assert DynamicKGate(tau)(zeros).all()
+    assert torch.equal(TopKGate(2)(zeros), torch.tensor([[True, True, False, False, False]] * 2))
+
+
+def test_ties():
+    scores = torch.tensor([[0.5, 0.9, 0.1, 0.9, 0.44]])
+    assert DynamicKGate(1.0)(scores).nonzero()[:, 1].tolist() == [1, 3]  # both at the maximum
+    assert DynamicKGate(0.5)(scores).nonzero()[:, 1].tolist() == [0, 1, 3]  # 0.44 < 0.5 * 0.9 <= 0.5
+    assert TopKGate(1)(scores).nonzero()[:, 1].tolist() == [1]  # the lower index of the tie
+    assert TopKGate(2)(scores).nonzero()[:, 1].tolist() == [1, 3]
+    assert TopKGate(3)(scores).nonzero()[:, 1].tolist() == [0, 1, 3]
+
+
+def test_topk_breaks_every_tie_toward_the_lower_index():
+    """Against a plain-Python reference: sort by (-score, index), keep k."""
+    torch.manual_seed(0)
+    scores = torch.randint(0, 3, (200, 9)).float()  # three values: ties everywhere
+    for k in (1, 2, 4):
+        mask = TopKGate(k)(scores)
+        for row, chosen in zip(scores.tolist(), mask.tolist()):
+            ranked = sorted(range(9), key=lambda e: (-row[e], e))[:k]
+            assert [e for e in range(9) if chosen[e]] == sorted(ranked)
+
+
+def test_router_needs_a_hidden_width_of_at_least_one():
+    with pytest.raises(ValueError, match="hidden width must be >= 1, got 0"):
+        Router(16, 4, hidden=0)
 
 
 def test_gated_moe_runs_only_selected_experts():

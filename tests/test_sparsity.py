@@ -18,6 +18,13 @@ def test_square_hoyer_bounds():
     assert (h >= 1 - 1e-5).all() and (h <= n + 1e-4).all()
 
 
+def test_square_hoyer_counts_negative_activations_by_magnitude():
+    """With sparsity.activation=keep (GELU) activations are negative too: the measure is of |a|."""
+    a = torch.tensor([[1.0, -1.0, 0.0, 0.0], [2.0, 0.0, -0.5, 0.0]])
+    torch.testing.assert_close(square_hoyer(a), torch.tensor([4.0 / 2.0, 2.5 ** 2 / 4.25]))
+    torch.testing.assert_close(square_hoyer(-a), square_hoyer(a))
+
+
 def test_l1_per_token():
     a = torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.5, 0.0]])
     assert torch.equal(l1(a), torch.tensor([3.0, 1.0]))

@@ -45,16 +45,10 @@ def convert_job(cfg: DictConfig) -> dict:
     from .calibrate import layer_calibration, measure
     from .export import choose_tau, model_spec, save
     from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
-    from .validate import ConfigError, check_config
+    from .validate import check_config
 
-    check_config(cfg)
+    check_config(cfg)  # the convert.* keys among them
     budget = cfg.convert.budget
-    if budget is None or budget <= 0:
-        raise ConfigError("convert.budget", f"a target rel_cost > 0 (e.g. 0.5), got {budget}")
-    if cfg.convert.per_layer and not all(0 <= t <= 1 for t in cfg.convert.layer_taus):
-        raise ConfigError("convert.layer_taus", f"taus in [0, 1], got {list(cfg.convert.layer_taus)}")
-    if cfg.convert.profile_batches is not None and cfg.convert.profile_batches < 1:
-        raise ConfigError("convert.profile_batches", f"a batch count >= 1 or null (all), got {cfg.convert.profile_batches}")
     ctx, dense, moe = pipeline.convert(cfg)
     metric = ctx.adapter.task.metric
     set_impl(moe, cfg.experts.impl)

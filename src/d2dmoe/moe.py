@@ -4,6 +4,8 @@ Shapes: B batch, T tokens, d model width, F = d_ff FFN width, E experts, s = F /
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -37,6 +39,8 @@ class Router(nn.Module):
         super().__init__()
         if kind not in ROUTER_KINDS:
             raise ValueError(f"unknown router kind {kind!r}; allowed: {list(ROUTER_KINDS)}")
+        if hidden < 1:  # a zero-width router scores every expert 0: every tau would run them all
+            raise ValueError(f"a router's hidden width must be >= 1, got {hidden}")
         self.kind = kind
         self.net = nn.Sequential(
             nn.Linear(d, hidden, bias=False), nn.ReLU() if kind == "regression" else nn.Tanh(),
@@ -62,33 +66,46 @@ class AllExperts:
         return "AllExperts()"
 
 
+def run_all_if_unscored(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A token with a non-finite router score (NaN, or inf from an overflowing router) runs every
+    expert: it keeps the dense FFN's output and pays the dense cost, which the measured cost shows,
+    instead of silently losing its FFN output. Decided on the device: no host sync, so the fused
+    path stays capturable in a CUDA graph."""
+    return mask | ~scores.isfinite().all(dim=-1, keepdim=True)
+
+
 class DynamicKGate:
-    """Dynamic-k: run expert e iff r_e >= tau * max_j r_j. tau=0 runs all, tau=1 only the top one(s)."""
+    """Dynamic-k: run expert e iff r_e >= tau * max_j r_j. tau=0 runs every expert; tau=1 the experts
+    tied at the maximum (every expert when all scores are equal, all-zero scores included); a token
+    with a non-finite score runs every expert (run_all_if_unscored)."""
 
     def __init__(self, tau: float):
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau must lie in [0, 1], got {tau}")
-        self.tau = tau
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
+        self.tau = float(tau)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         # the maximum always satisfies the rule, so at least one expert runs
-        return scores >= self.tau * scores.amax(dim=-1, keepdim=True)
+        return run_all_if_unscored(scores, scores >= self.tau * scores.amax(dim=-1, keepdim=True))
 
     def __repr__(self) -> str:
         return f"DynamicKGate(tau={self.tau})"
 
 
 class TopKGate:
-    """Top-k: run the k experts with the largest router scores."""
+    """Top-k: run the k experts with the largest router scores (every expert when k >= E). Ties go to
+    the lower expert index, so the choice does not depend on the device's sort; a token with a
+    non-finite score runs every expert (run_all_if_unscored)."""
 
     def __init__(self, k: int):
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k = k
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        self.k = int(k)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        top = scores.topk(min(self.k, scores.shape[-1]), dim=-1).indices
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        top = scores.argsort(dim=-1, descending=True, stable=True)[..., :self.k]  # [..., min(k, E)]
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        return run_all_if_unscored(scores, mask)
 
     def __repr__(self) -> str:
         return f"TopKGate(k={self.k})"

@@ -24,7 +24,7 @@ from .phases.routers import RouterTraining
 from .phases.split import moe_skeleton, split_model
 from .resume import last_checkpoint, resume_callbacks
 from .stats import ActivationStats, ExpertUse
-from .validate import check_config, check_model, num_experts
+from .validate import ConfigError, check_config, check_model, config_keys, num_experts
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class Context:
 
 def build_context(cfg: DictConfig, wandb_run=None) -> Context:
     check_config(cfg)
+    check_artifact_keys(cfg)
     adapter = instantiate(cfg.model)
     check_model(cfg, adapter.dims(num_labels=1))  # shapes come from the model's config: no weights, no data
     data = instantiate(cfg.data)
@@ -125,28 +126,137 @@ def build_context(cfg: DictConfig, wandb_run=None) -> Context:
     return Context(cfg, adapter, data, dims, wandb_run)
 
 
+TRAINED = ("dense", "attention", "sparsify", "routers")  # the phases a Trainer runs
+
+# Which phases' artifact names each config key enters (the phases after them change through their
+# upstream's key), or why it enters none. An entry covers a key or a whole group; the nearest wins.
+# tests/test_artifact_keys.py walks every key of every config against this table, changing each
+# value and checking which names change, so a key added later without a decision fails there.
+ARTIFACT_KEYS: dict[str, tuple[str, ...] | str] = {
+    "seed": ("dense",),
+    "model": ("dense",),
+    "data": ("dense",),
+    "data.cache_dir": "where the tokenised data is cached, not what it is",
+    "data.eval_batch_size": "evaluation only",
+    "dense": ("dense",),
+    "attention": ("attention",),  # the distillation's settings
+    "attention.convert": ("attention", "split"),  # adds the phase, and the projections' experts
+    "attention.num_experts": ("split",),
+    "attention.router_hidden": ("split",),
+    "sparsity": ("sparsify",),
+    "experts": ("split",),
+    "experts.impl": "how evaluation executes the experts; the same outputs",
+    "routing.router": ("routers",),
+    "routing.router.hidden": ("split", "routers"),  # split makes the untrained routers
+    "routing.rule": "evaluation only",
+    "routing.taus": "evaluation only",
+    "routing.ks": "evaluation only",
+    "convert": "`d2dmoe convert`'s tau choice and folder, after the trained phases",
+    "method.name": "a label; a method's settings enter through their own keys",
+    "logger": "logging only",
+    "artifacts_dir": "where artifacts are kept, not what they are",
+    "checkpoint_every": "a resumed phase ends with the weights of an uninterrupted one",
+    "offline": "whether hubs may be asked; model.* and data.* say what is loaded",
+    # the Trainer: what changes the training enters every trained phase (trainer_spec); each key is
+    # listed, so a Lightning argument added with +trainer.<name> stops until it is decided here
+    "trainer._target_": "the Trainer class",
+    **{f"trainer.{k}": "console, logging or checkpoint files only" for k in (
+        "enable_checkpointing", "enable_model_summary", "enable_progress_bar", "num_sanity_val_steps",
+        "log_every_n_steps")},
+    "trainer.precision": TRAINED,
+    "trainer.devices": TRAINED,  # the global batch: data.batch_size x processes
+    "trainer.num_nodes": TRAINED,
+    "trainer.accumulate_grad_batches": TRAINED,
+    "trainer.gradient_clip_val": TRAINED,
+    "trainer.gradient_clip_algorithm": TRAINED,
+    "trainer.strategy": "enters through the global batch (trainer.devices): DDP and FSDP average the same "
+                        "gradients (test_ddp_and_fsdp_train_sparsify_and_routers_on_two_cpu_processes)",
+    "trainer.accelerator": "the same training on another device",
+    "trainer.deterministic": "the same training, with deterministic kernels only",
+    "trainer.use_distributed_sampler": "the batch samplers shard batches across processes themselves",
+    "trainer.limit_val_batches": "validation only",
+}
+# keys that act only beside another: they enter nothing while that one is false or null
+ONLY_WITH = {**{k: "attention.convert" for k in ("attention.num_experts", "attention.router_hidden",
+                                                 "sparsity.attention_scale", "sparsity.attention_lr")},
+             "trainer.gradient_clip_algorithm": "trainer.gradient_clip_val"}
+
+# Trainer settings that change what is trained, and their defaults: at the default a setting is left
+# out of the spec, so artifacts trained before it was hashed keep their names
+TRAINER_DEFAULTS = {"world_size": 1, "precision": "32-true", "accumulate_grad_batches": 1,
+                    "gradient_clip_val": None, "gradient_clip_algorithm": "norm"}
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+
+
+def check_artifact_keys(cfg: DictConfig) -> None:
+    """Every key must have an ARTIFACT_KEYS decision: one without would silently reuse artifacts
+    trained without it (or retrain needlessly)."""
+    for key in config_keys(cfg):
+        if artifact_entry(key) is None:
+            raise ConfigError(key, "not known to the artifact names: add it to pipeline.ARTIFACT_KEYS with the "
+                                   "phases it changes, or why it changes none")
+
+
+def artifact_entry(key: str) -> tuple[str, ...] | str | None:
+    """The ARTIFACT_KEYS entry that covers `key`: its own, or its nearest group's."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if (prefix := ".".join(parts[:n])) in ARTIFACT_KEYS:
+            return ARTIFACT_KEYS[prefix]
+    return None
+
+
+def world_size(trainer: DictConfig) -> int:
+    """Processes that train together (their batches make one global batch): devices x nodes."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1, "-1"):  # every GPU there is; one process on the CPU
+        import torch
+
+        gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if gpu else 1
+    count = len(devices) if not isinstance(devices, int) else devices
+    return count * int(trainer.get("num_nodes", 1))
+
+
+def trainer_spec(cfg: DictConfig) -> dict:
+    """The Trainer settings that change what a phase learns, those at their default left out."""
+    t = cfg.trainer
+    precision = str(t.get("precision", "32-true"))
+    spec = {"world_size": world_size(t), "precision": PRECISION_ALIASES.get(precision, precision),
+            "accumulate_grad_batches": t.get("accumulate_grad_batches", 1),
+            "gradient_clip_val": t.get("gradient_clip_val"),
+            "gradient_clip_algorithm": t.get("gradient_clip_algorithm") or "norm"}
+    if spec["gradient_clip_val"] is None:  # the algorithm acts only with a value
+        spec["gradient_clip_algorithm"] = "norm"
+    return {k: v for k, v in spec.items() if v != TRAINER_DEFAULTS[k]}
+
+
 def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
-    """Every trained phase's artifact; each spec holds its own settings and its upstream's key.
-    Evaluation-only settings (routing.taus, routing.ks, routing.rule) are in none of them."""
+    """Every trained phase's artifact; each spec holds its own settings and its upstream's key
+    (ARTIFACT_KEYS says which key enters which)."""
     root = cfg.artifacts_dir
+    trainer = {"trainer": t} if (t := trainer_spec(cfg)) else {}  # only trained phases
     data = {k: v for k, v in plain(cfg.data).items() if k not in DATA_KEYS_IGNORED}
     dense = Artifact(root, "dense", {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense),
-                                     "seed": cfg.seed})
+                                     "seed": cfg.seed, **trainer})
     out = {"dense": dense}
     upstream = dense
     if cfg.attention.convert:  # without conversion the chain (and every hash) is what it always was
         training = {k: v for k, v in spec_of(cfg.attention, "attention").items() if k not in ATTENTION_SPLIT_KEYS}
-        upstream = out["attention"] = Artifact(root, "attention", {"attention": training}, dense)
+        upstream = out["attention"] = Artifact(root, "attention", {"attention": training, **trainer}, dense)
     sparsity = spec_of(cfg.sparsity, "sparsity")
     if not cfg.attention.convert:  # settings that change nothing without converted projections
         sparsity = {k: v for k, v in sparsity.items() if k not in SPARSITY_ATTENTION_KEYS}
-    out["sparsify"] = Artifact(root, "sparsify", {"sparsity": sparsity}, upstream)
+    out["sparsify"] = Artifact(root, "sparsify", {"sparsity": sparsity, **trainer}, upstream)
     experts = {k: v for k, v in plain(cfg.experts).items() if k not in EXPERT_KEYS_IGNORED}
     split_spec = {"experts": experts, "router_hidden": cfg.routing.router.hidden}
     if cfg.attention.convert:
         split_spec["attention"] = {k: cfg.attention[k] for k in ATTENTION_SPLIT_KEYS if k != "convert"}
     out["split"] = Artifact(root, "split", split_spec, out["sparsify"])
-    out["routers"] = Artifact(root, "routers", {"router": spec_of(cfg.routing.router, "router")}, out["split"])
+    out["routers"] = Artifact(root, "routers", {"router": spec_of(cfg.routing.router, "router"), **trainer},
+                              out["split"])
     return out
 
 
