@@ -1,4 +1,6 @@
 """The analytic MAC count against torch's FlopCounterMode (2 FLOPs per MAC for matmuls)."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from d2dmoe.cost import dense_macs, moe_model_macs
 from d2dmoe.models import BertAdapter
+from d2dmoe.moe import DynamicKGate, TopKGate, moe_layers, set_gate, set_impl
 from d2dmoe.phases.split import split_model
 from tests.conftest import compose_config
 
@@ -83,8 +86,6 @@ def test_moe_macs_count_only_executed_pairs_on_real_tokens():
 def test_gathered_moe_macs_match_flop_counter(k):
     """With gather execution only the chosen experts run, so the counter sees exactly the executed
     (token, expert) pairs: an independent check of the partial-routing cost."""
-    from d2dmoe.moe import TopKGate, set_gate, set_impl
-
     adapter = tiny_adapter()
     model = adapter.build(num_labels=3).eval()
     adapter.install_ffns(model, nn.ReLU())
@@ -95,3 +96,70 @@ def test_gathered_moe_macs_match_flop_counter(k):
     counted = counted_macs(model, ids, mask)
     analytic = moe_model_macs(adapter, model, mask, adapter.dims(3))
     assert analytic.item() == pytest.approx(counted, rel=1e-9)
+
+
+# Partial routing beyond top-k on BERT: gated experts (three matrices each), the MoE layers that
+# replaced attention projections, and the dynamic-k gate, where tokens run different numbers of experts.
+COUNTED_CASES = ["bert", "gpt2", "llama", "bert+attention", "gpt2+attention", "vit+attention"]
+GATES = [TopKGate(2), DynamicKGate(0.5), DynamicKGate(0.7), DynamicKGate(0.9)]
+
+
+@functools.cache
+def converted_for_counting(case: str):
+    """A tiny converted model (eager attention: explicit matmuls the counter sees), built once per
+    case; each test sets its own gate and execution."""
+    from tests.test_attention import mlp_model
+    from tests.test_attention import tiny as tiny_with_projections
+    from tests.test_families import tiny as tiny_lm
+
+    family, _, attention = case.partition("+")
+    if attention:  # projections as MLPs, then MoE layers of 4 experts beside the FFNs' 8
+        adapter = tiny_with_projections(family)
+        model = mlp_model(family, adapter)
+    else:
+        adapter = tiny_adapter() if family == "bert" else tiny_lm(family)
+        model = adapter.install_ffns(adapter.build(3 if family == "bert" else None).eval(), nn.ReLU())
+    split_model(adapter, model, num_experts=8, router_hidden=16, n_init=1, attention=(4, 8) if attention else None)
+    return adapter, model, adapter.dims(None if family in ("gpt2", "llama") else 3)
+
+
+def counting_batch(case: str, lengths=(12, 5)) -> dict:
+    """Right-padded token ids (vocabulary 300 fits every tiny model); images have no padding."""
+    if case.startswith("vit"):
+        torch.manual_seed(0)
+        return {"pixel_values": torch.randn(len(lengths), 1, 8, 8)}
+    ids, mask = padded_batch(lengths, vocab=300)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def sample(batch: dict, i: int, n: int) -> dict:
+    """Sample i alone, without its padding (n real tokens)."""
+    return {k: v[i:i + 1] if k == "pixel_values" else v[i:i + 1, :n] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("gate", GATES, ids=repr)
+@pytest.mark.parametrize("case", COUNTED_CASES)
+def test_partially_routed_macs_match_flop_counter(case, gate):
+    """Gather execution runs only the chosen (token, expert) pairs, so FlopCounterMode sees exactly
+    them: the analytic cost of each sample of a padded batch (gate masks read from the batch's
+    forward, padding left out) equals the counted cost of that sample run alone."""
+    adapter, model, dims = converted_for_counting(case)
+    set_gate(model, gate)
+    set_impl(model, "gather")
+    batch = counting_batch(case)
+    real = adapter.token_mask(batch)
+    with torch.no_grad():  # the inference gather path (gathered_inference)
+        adapter.forward(model, batch)
+        analytic = moe_model_macs(adapter, model, real, dims)
+        in_batch = [moe.last_mask for moe in moe_layers(model)]  # [B, T, E] per layer
+        for i, n in enumerate(real.sum(-1).tolist()):
+            with FlopCounterMode(display=False) as counter:
+                adapter.forward(model, sample(batch, i, n))
+            # the premise: alone, the sample's tokens choose the experts they chose in the batch
+            assert all(torch.equal(moe.last_mask[0], mask[i, :n]) for moe, mask in zip(moe_layers(model), in_batch))
+            assert analytic[i].item() == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
+    # every layer ran partially (gather, not the all-experts matmul), and under dynamic-k unevenly
+    routed = [mask[real.bool()] for mask in in_batch]  # [real tokens, E] per layer
+    assert all(not r.all() for r in routed)
+    runs = torch.cat([r.sum(-1) for r in routed])  # experts per real token, every layer
+    assert (runs == 2).all() if isinstance(gate, TopKGate) else runs.min() < runs.max()

@@ -12,8 +12,9 @@ from torch import nn
 
 import d2dmoe
 from d2dmoe import pipeline
+from d2dmoe.attention import install_projection_mlps
 from d2dmoe.export import CONFIG, WEIGHTS, ConvertedModel, choose_tau, model_spec, save
-from d2dmoe.moe import DynamicKGate, set_gate
+from d2dmoe.moe import DynamicKGate, moe_layers, set_gate
 from d2dmoe.phases.evaluate import Evaluation
 from d2dmoe.phases.split import split_model
 from tests.conftest import compose_config
@@ -37,17 +38,24 @@ def tiny_llama():
     return tiny_lm("llama", attn="sdpa")
 
 
-def converted(family: str, attention: bool, width: float = 1.0):
+def converted(family: str, attention: bool, width: float = 1.0, router_kind: str = "regression",
+              activation: str = "relu"):
+    """A tiny converted model and its spec. activation: `relu` swaps it into the FFNs, `keep` leaves
+    the model's own (sparsity.activation); router_kind: `regression` or `moefication` routers."""
     adapter = tiny_llama() if family == "llama" else tiny(family, attn="sdpa")
-    if attention:
+    if attention and activation == "relu":
         model = mlp_model(family, adapter, width)
+    elif attention:  # the projections' MLPs, the FFNs keeping the model's own activation
+        torch.manual_seed(1)
+        model = adapter.install_ffns(install_projection_mlps(adapter, build(family, adapter), width=width))
     else:
-        model = adapter.install_ffns(build(family, adapter), nn.ReLU()).eval()
-    split_model(adapter, model, num_experts=8, router_hidden=16, n_init=1, attention=(4, 8) if attention else None)
+        model = adapter.install_ffns(build(family, adapter), nn.ReLU() if activation == "relu" else None).eval()
+    split_model(adapter, model, num_experts=8, router_hidden=16, router_kind=router_kind, n_init=1,
+                attention=(4, 8) if attention else None)
     for p in model.parameters():  # routers trained or not, every weight must come back
         p.data.add_(torch.randn_like(p) * 0.01)
     num_labels = None if family in ("gpt2", "llama") else 3
-    spec = {**model_spec(MODEL_CFGS[family](adapter), model, num_labels, "relu", "regression",
+    spec = {**model_spec(MODEL_CFGS[family](adapter), model, num_labels, activation, router_kind,
                          (4, 8) if attention else None),
             "metric": "loss" if family in ("gpt2", "llama") else "accuracy", "tau": 0.3, "budget": 0.5,
             "calibration": [{"tau": 0.0, "rel_cost": 1.0, "value": 0.9}, {"tau": 0.3, "rel_cost": 0.5, "value": 0.88},
@@ -77,6 +85,31 @@ def test_save_then_load_gives_identical_outputs(family, attention, width, tmp_pa
     with torch.no_grad():
         again.set_tau(0.3)
         torch.testing.assert_close(again(**batch), expected)
+
+
+@pytest.mark.parametrize("family, attention, router_kind, activation", [
+    ("bert", False, "moefication", "keep"), ("gpt2", True, "moefication", "keep"), ("llama", False, "moefication", "keep"),
+    ("vit", False, "regression", "keep"), ("bert", True, "moefication", "relu")])
+def test_router_kind_and_kept_activation_survive_save_and_load(family, attention, router_kind, activation, tmp_path):
+    """MoEfication routers (tanh, sigmoid) and the model's own activation (sparsity.activation=keep:
+    GELU, gelu_new, SiLU) come back from the folder: the same parameters would load into regression
+    routers or ReLU experts too, so only the outputs and the modules tell them apart."""
+    adapter, model, spec = converted(family, attention, router_kind=router_kind, activation=activation)
+    spec["tau"] = 0.9  # fresh MoEfication routers' sigmoids sit near 0.5: a lower tau runs every expert
+    batch = batch_for("gpt2" if family == "llama" else family)
+    set_gate(model, DynamicKGate(0.9))
+    with torch.no_grad():
+        expected = adapter.forward(model, batch)
+    layers = moe_layers(model)
+    ran = torch.cat([m.last_mask.flatten() for m in layers]).float().mean()
+    assert 0 < ran < 1  # the routers' choices shape the outputs
+    assert (activation == "keep") == (not any(isinstance(m.act, nn.ReLU) for m in moe_layers(model, "ffn")))
+    save(tmp_path / "m", model, spec)
+    loaded = d2dmoe.load(tmp_path / "m")
+    back = moe_layers(loaded.model)
+    assert [(m.router.kind, type(m.act)) for m in back] == [(router_kind, type(m.act)) for m in layers]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), expected)
 
 
 def test_set_budget_picks_the_best_tau_within_it():

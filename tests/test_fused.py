@@ -3,6 +3,7 @@
 Without a GPU the kernel is checked two ways: it runs in Triton's CPU interpreter (TRITON_INTERPRET=1,
 which must be set before triton is imported, hence a subprocess running this file), and it compiles
 for an sm_90 GPU with Triton's own compiler. With CUDA it also runs on the GPU."""
+import copy
 import os
 import subprocess
 import sys
@@ -60,6 +61,43 @@ def check_fused_equals_masked(device: str = "cpu") -> None:
                 torch.testing.assert_close(out, moe.masked(x, mask), rtol=1e-4, atol=1e-4)
 
 
+# Triton's interpreter runs the kernel in float16 but not in bfloat16: it stores bfloat16 as the raw
+# uint16 bits and its tl.dot multiplies those bit patterns as integers (triton 3.8.0, no error raised;
+# 1.0 @ 0.5 over 16 terms gives 4194828288.0, not 8.0). Triton's debugging guide lists bfloat16 as
+# unsupported in the interpreter; so bfloat16 is checked on a GPU only.
+INTERPRETED_DTYPES = (torch.float16,)
+
+
+def check_low_precision(dtypes, device: str = "cpu") -> None:
+    """Weights and inputs in float16/bfloat16, against the masked execution in float32 on the same
+    (already rounded) values, so that only the kernel's own rounding is measured. The kernel multiplies
+    exactly and accumulates in float32; it rounds twice, each within u = eps/2 relative (half a unit in
+    the last place of the dtype): the hidden activations h before the second matmul, and the output.
+    So per output i, |fused - exact| <= u (|exact_i| + sum_j |h_j| |w2_ij|), a bound that scales with
+    the dtype (bfloat16's u is 8x float16's). 5% on top covers float32's own rounding, in the kernel and
+    in the reference (2^-24 per operation, far below float16's u = 2^-11). Tight on purpose: the kernel
+    measures 0.76 of it here, and accumulating the output in float16 instead goes over (1.15)."""
+    for dtype in dtypes:
+        u = torch.finfo(dtype).eps / 2
+        for case in CASES:
+            moe = layer(*case).to(device, dtype)
+            set_impl(moe, "fused")
+            exact = copy.deepcopy(moe).float()
+            w2 = exact.w2.transpose(0, 1).reshape(exact.d, -1)  # [d, E*s]
+            for mask in masks(case[2]):
+                mask = mask.to(device)
+                moe.gate = lambda scores, m=mask: m
+                x = torch.randn(*mask.shape[:-1], case[0], device=device).to(dtype)
+                with torch.inference_mode():
+                    fused = moe(x)
+                    ref = exact.masked(x.float(), mask)
+                    h = exact.hidden(x.float()) * mask.unsqueeze(-1)  # [B, T, E, s], unselected experts 0
+                    bound = 1.05 * u * (ref.abs() + h.abs().flatten(-2) @ w2.abs().T) + 1e-6
+                assert fused.dtype == dtype
+                excess = ((fused.float() - ref).abs() - bound).max().item()
+                assert excess <= 0, f"{dtype} {case}: {excess} over the rounding bound"
+
+
 def check_fused_in_cuda_graph() -> None:
     """The fused path never waits on the host, so a layer with a real dynamic-k gate can be captured
     in a CUDA graph; replayed on new inputs, it gives what eager execution gives."""
@@ -100,7 +138,7 @@ def test_fused_equals_masked_in_triton_interpreter():
     run = subprocess.run([sys.executable, "-m", "tests.test_fused"], env=env, capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "fused == masked" in run.stdout
+    assert "fused == masked, float16 within its rounding bound, bfloat16 refused" in run.stdout
 
 
 def compile_for_sm90(act, gated, dtype, S, config):
@@ -152,6 +190,7 @@ def test_every_autotuning_config_compiles_for_gpu(act, gated, dtype, S):
 def test_fused_equals_masked_on_gpu():
     torch.backends.cuda.matmul.allow_tf32 = False
     check_fused_equals_masked("cuda")
+    check_low_precision((torch.float16, torch.bfloat16), "cuda")  # bfloat16 runs nowhere else
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -202,4 +241,11 @@ def test_activation_found_by_value():
 if __name__ == "__main__":  # the interpreter check, in its own process
     check_fused_equals_masked()
     check_converted_models()
-    print("fused == masked")
+    check_low_precision(INTERPRETED_DTYPES)
+    try:  # bfloat16 stops with an error instead of the interpreter's wrong numbers
+        check_low_precision((torch.bfloat16,))
+    except ValueError as err:
+        assert "multiplies bfloat16 as raw integer bits" in str(err)
+    else:
+        raise AssertionError("bfloat16 ran in the interpreter")
+    print("fused == masked, float16 within its rounding bound, bfloat16 refused")

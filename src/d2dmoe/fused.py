@@ -166,6 +166,9 @@ def fused_experts(x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: tor
     x [N, d], mask [N, E] bool, w1/up [E, s, d], b1 [E, s], w2 [E, d, s], b2 [d] -> [N, d]."""
     if not (INTERPRET or x.is_cuda):
         raise ValueError(f"experts.impl=fused runs on a CUDA GPU; this layer's input is on {x.device}")
+    if INTERPRET and x.dtype == torch.bfloat16:  # it would return wrong numbers without an error
+        raise ValueError("Triton's CPU interpreter multiplies bfloat16 as raw integer bits (triton 3.8); "
+                         "run bfloat16 on a GPU, or float16/float32 in the interpreter")
     N, D = x.shape
     E, S, _ = w1.shape
     out = torch.empty(N, D, device=x.device, dtype=torch.float32).copy_(b2)  # float32: the atomic adds accumulate here
