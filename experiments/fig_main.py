@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from d2dmoe.tasks import sign
 from d2dmoe.figures import (COST_LABEL, TAU_NOTE, MissingRuns, frontier, load_runs, matches, metric_label, pyplot, save,
                             select, value_at)
 
@@ -34,8 +35,7 @@ def compare(d2dmoe: list[dict], moefication: list[dict], metric: str, grid: int 
     on `grid` costs across the shared range, and at CHECK_AT."""
     lo = max(min(p["rel_cost"] for p in d2dmoe), min(p["rel_cost"] for p in moefication))
     hi = min(max(p["rel_cost"] for p in d2dmoe), max(p["rel_cost"] for p in moefication))
-    sign = -1.0 if metric == "loss" else 1.0
-    margin = lambda c: sign * (value_at(d2dmoe, metric, c) - value_at(moefication, metric, c))  # noqa: E731
+    margin = lambda c: sign(metric) * (value_at(d2dmoe, metric, c) - value_at(moefication, metric, c))  # noqa: E731
     costs = np.linspace(lo, hi, grid) if hi > lo else np.array([])
     margins = np.array([margin(c) for c in costs])
     return {"shared_range": [lo, hi] if hi > lo else None,

@@ -70,9 +70,7 @@ def convert_and_report(cfg: DictConfig, out_dir: Path) -> list[dict]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     check_config(cfg)
-    # tokenised data collate in microseconds: worker processes would only add start-up time
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the routers phase freezes the base
+    quiet_lightning()
     run = start_wandb(cfg, out_dir) if cfg.logger.enabled else None
     try:
         results = pipeline.run(cfg, run)
@@ -87,6 +85,19 @@ def convert_and_report(cfg: DictConfig, out_dir: Path) -> list[dict]:
     finally:
         if run is not None:
             run.finish()
+
+
+def quiet_lightning() -> None:
+    """Lightning's banners ("GPU available", a litlogger tip, ...) come once per Trainer: one per
+    training phase and one per evaluated tau. The run logs its own line per phase and per point."""
+    from datasets.utils.logging import disable_progress_bar
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    disable_progress_bar()  # datasets' bars while tokenising and caching, once per split
+    # tokenised data collate in microseconds: worker processes would only add start-up time
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the routers phase freezes the base
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
 
 
 class SweepReport(Callback):

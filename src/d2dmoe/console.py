@@ -45,9 +45,11 @@ def convert_job(cfg: DictConfig) -> dict:
     from .calibrate import layer_calibration, measure
     from .export import choose_tau, model_spec, save
     from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
+    from .cli import quiet_lightning
     from .validate import check_config
 
     check_config(cfg)  # the convert.* keys among them
+    quiet_lightning()
     budget = cfg.convert.budget
     ctx, dense, moe = pipeline.convert(cfg)
     metric = ctx.adapter.task.metric
@@ -72,7 +74,7 @@ def convert_job(cfg: DictConfig) -> dict:
     free_scratch()
     measured = {"split": "test", **test, "dense_value": reference["value"]}
     spec = {**model_spec(OmegaConf.to_container(cfg.model, resolve=True), moe, ctx.dims.num_labels
-                         if metric != "loss" else None, cfg.sparsity.activation, cfg.routing.router.kind,
+                         if ctx.adapter.task.head_from_labels else None, cfg.sparsity.activation, cfg.routing.router.kind,
                          pipeline.attention_experts(cfg)),
             "metric": metric, "budget": budget, "calibration": calibration, **operating, "measured": measured}
     out = save(cfg.convert.out, moe, spec, ctx.data.tokenizer)

@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .attention import install_projection_mlps, projection_hidden
+from .architecture import build
 from .moe import DynamicKGate, moe_layers, set_gate, set_impl, set_layer_taus
-from .phases.split import moe_skeleton
+from .tasks import sign
 
 CONFIG = "d2dmoe.json"
 WEIGHTS = "model.safetensors"
@@ -84,11 +84,10 @@ class ConvertedModel(nn.Module):
 def choose_tau(calibration: list[dict], budget: float, metric: str) -> dict:
     """The calibration row (tau, rel_cost, value) of best value with rel_cost <= budget; ties go to
     the cheaper one; the cheapest row when none fits."""
-    better = (lambda v: -v) if metric == "loss" else (lambda v: v)
     fits = [row for row in calibration if row["rel_cost"] <= budget]
     if not fits:
         return min(calibration, key=lambda row: row["rel_cost"])
-    return max(fits, key=lambda row: (better(row["value"]), -row["rel_cost"]))
+    return max(fits, key=lambda row: (sign(metric) * row["value"], -row["rel_cost"]))
 
 
 def save(path: str | Path, model: nn.Module, spec: dict, tokenizer=None) -> Path:
@@ -105,7 +104,8 @@ def save(path: str | Path, model: nn.Module, spec: dict, tokenizer=None) -> Path
 
 def model_spec(model_cfg: dict, moe: nn.Module, num_labels: int | None, activation: str, router_kind: str,
                attention: tuple[int, int] | None) -> dict:
-    """What `load` needs to rebuild `moe`'s architecture, from the run's `model` config group."""
+    """What `load` needs to rebuild `moe`: the adapter, from the run's `model` config group, and the
+    architecture's description (architecture.py), read off the model."""
     ffn, projections = moe_layers(moe, "ffn"), moe_layers(moe, "attention")
     adapter = {k: v for k, v in model_cfg.items() if k not in HUB_ONLY_KEYS}
     adapter["pretrained"] = False  # the weights come from the folder
@@ -131,18 +131,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> ConvertedModel
     if spec.get("format") != FORMAT:
         raise ValueError(f"{folder / CONFIG}: format {spec.get('format')!r}; this version reads format {FORMAT}")
     adapter_args = dict(spec["adapter"])
-    if spec["family"] != "vit":  # transformers: config.json and the tokenizer are in the folder
+    if get_class(adapter_args["_target_"]).config_in_folder:  # config.json and the tokenizer are in the folder
         adapter_args["path"] = str(folder)
     adapter = instantiate(adapter_args)
-    model = adapter.build(spec["num_labels"], weights=False)
-    e = spec["experts"]
-    attention = e["attention"]
-    if attention:  # folders from before attention.width hold no "hidden": the projection-sized width
-        h = projection_hidden(adapter.dims(spec["num_labels"]).d)
-        install_projection_mlps(adapter, model, width=attention.get("hidden", h) / h)
-    adapter.install_ffns(model, nn.ReLU() if e["activation"] == "relu" else None)
-    moe_skeleton(adapter, model, e["num_experts"], e["router_hidden"], e["router_kind"],
-                 (attention["num_experts"], attention["router_hidden"]) if attention else None)
+    model = build(adapter, spec["num_labels"], spec["experts"])  # the pipeline's architecture builder
     try:
         load_model(model, str(folder / WEIGHTS), device=str(device))
     except Exception as err:

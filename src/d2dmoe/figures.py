@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from .console import CONF
 from .results import read_points, read_stats
+from .tasks import sign
 
 COST_LABEL = "relative cost (MACs per sample / dense MACs)"
 TAU_NOTE = "dynamic-k: expert e runs iff $r_e \\geq \\tau \\max_j r_j$"
@@ -96,10 +97,10 @@ def select(runs: list[Run], wanted: dict[str, dict], figure: str, command: str, 
 
 def frontier(points: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
     """The Pareto frontier (best metric at each cost or less), as (rel_cost, value) arrays."""
-    sign = -1.0 if metric == "loss" else 1.0  # compare as "higher is better"
+    s = sign(metric)  # compare as "higher is better"
     costs, values = [], []
     for p in sorted(points, key=lambda p: p["rel_cost"]):
-        if not values or sign * p["value"] > sign * values[-1]:
+        if not values or s * p["value"] > s * values[-1]:
             costs.append(p["rel_cost"])
             values.append(p["value"])
     return np.array(costs), np.array(values)

@@ -1,10 +1,11 @@
 """Runs the phases in order: dense -> [attention] -> sparsify -> split -> routers -> evaluate.
-The only place that knows the order. Each trained phase is an artifact named by the config it
+`PHASES` is the only place that knows the order. Each phase is an artifact named by the config it
 depends on, so a run reuses whatever an earlier run with the same upstream config produced."""
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -12,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .architecture import build, describe
 from .artifacts import Artifact
 from .attention import finish_distillation, install_projection_mlps
 from .models import Dims
@@ -21,7 +23,7 @@ from .phases.evaluate import Evaluation
 from .phases.finetune import TaskTraining
 from .phases.guard import out_of_memory_hint
 from .phases.routers import RouterTraining
-from .phases.split import moe_skeleton, split_model
+from .phases.split import split_model
 from .resume import last_checkpoint, resume_callbacks
 from .stats import ActivationStats, ExpertUse
 from .validate import ConfigError, check_config, check_model, config_keys, num_experts
@@ -68,18 +70,8 @@ class Context:
     wandb_run: object = None  # the job's W&B run; each training phase logs to it under its own prefix
 
     def new_model(self, stage: str) -> nn.Module:
-        """The architecture a phase's weights load into: dense, attention (projections as MLPs, when
-        converted), sparse (FFN activations swapped), or moe."""
-        model = self.adapter.build(self.dims.num_labels, weights=False)
-        if stage != "dense" and self.cfg.attention.convert:
-            install_projection_mlps(self.adapter, model, width=self.cfg.attention.width)
-        if stage in ("sparse", "moe"):
-            self.adapter.install_ffns(model, sparse_activation(self.cfg))
-        if stage == "moe":
-            r = self.cfg.routing.router
-            moe_skeleton(self.adapter, model, num_experts(self.cfg, self.dims), r.hidden, r.kind,
-                         attention_experts(self.cfg))
-        return model
+        """The architecture a phase's weights load into (architecture.STAGES), without weights."""
+        return build(self.adapter, self.dims.num_labels, describe(self.cfg, self.dims, stage))
 
     def fit(self, module: L.LightningModule, settings: DictConfig, phase: str) -> L.Trainer:
         """Train a phase with Lightning; from its last checkpoint if an earlier attempt left one."""
@@ -96,6 +88,8 @@ class Context:
         ckpt = last_checkpoint(work_dir)
         if ckpt:
             log.info("resuming %s from %s", phase, ckpt)
+        else:
+            log.info("training %s", phase)
         with out_of_memory_hint(phase, self.data):
             trainer.fit(module, datamodule=self.data, ckpt_path=ckpt, weights_only=True)
         return trainer
@@ -103,7 +97,7 @@ class Context:
     def test(self, module: Evaluation, split: str = "test", batches: int | None = None) -> Evaluation:
         """Run `module` over the test (or validation) split, or over its first `batches` batches."""
         # one process: the metric and cost sums accumulate in this module (trainer=ddp trains only)
-        trainer = instantiate(self.cfg.trainer, logger=False, strategy="auto", devices=1,
+        trainer = instantiate(self.cfg.trainer, logger=False, strategy="auto", devices=1, enable_progress_bar=False,
                               limit_test_batches=1.0 if batches is None else batches)
         with out_of_memory_hint("evaluate", self.data):
             if split == "test":
@@ -234,30 +228,43 @@ def trainer_spec(cfg: DictConfig) -> dict:
 
 
 def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
-    """Every trained phase's artifact; each spec holds its own settings and its upstream's key
-    (ARTIFACT_KEYS says which key enters which)."""
-    root = cfg.artifacts_dir
-    trainer = {"trainer": t} if (t := trainer_spec(cfg)) else {}  # only trained phases
+    """Every phase's artifact in the config's chain (PHASES): each spec holds the phase's own
+    settings (ARTIFACT_KEYS says which key enters which) and its upstream's key."""
+    trainer = {"trainer": t} if (t := trainer_spec(cfg)) else {}  # only for trained phases
+    out, upstream = {}, None
+    for phase in chain(cfg):
+        spec = {**phase.spec(cfg), **(trainer if phase.trained else {})}
+        upstream = out[phase.name] = Artifact(cfg.artifacts_dir, phase.name, spec, upstream)
+    return out
+
+
+def dense_spec(cfg: DictConfig) -> dict:
     data = {k: v for k, v in plain(cfg.data).items() if k not in DATA_KEYS_IGNORED}
-    dense = Artifact(root, "dense", {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense),
-                                     "seed": cfg.seed, **trainer})
-    out = {"dense": dense}
-    upstream = dense
-    if cfg.attention.convert:  # without conversion the chain (and every hash) is what it always was
-        training = {k: v for k, v in spec_of(cfg.attention, "attention").items() if k not in ATTENTION_SPLIT_KEYS}
-        upstream = out["attention"] = Artifact(root, "attention", {"attention": training, **trainer}, dense)
+    return {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense), "seed": cfg.seed}
+
+
+def attention_spec(cfg: DictConfig) -> dict:
+    return {"attention": {k: v for k, v in spec_of(cfg.attention, "attention").items()
+                          if k not in ATTENTION_SPLIT_KEYS}}
+
+
+def sparsify_spec(cfg: DictConfig) -> dict:
     sparsity = spec_of(cfg.sparsity, "sparsity")
     if not cfg.attention.convert:  # settings that change nothing without converted projections
         sparsity = {k: v for k, v in sparsity.items() if k not in SPARSITY_ATTENTION_KEYS}
-    out["sparsify"] = Artifact(root, "sparsify", {"sparsity": sparsity, **trainer}, upstream)
+    return {"sparsity": sparsity}
+
+
+def split_spec(cfg: DictConfig) -> dict:
     experts = {k: v for k, v in plain(cfg.experts).items() if k not in EXPERT_KEYS_IGNORED}
-    split_spec = {"experts": experts, "router_hidden": cfg.routing.router.hidden}
+    spec = {"experts": experts, "router_hidden": cfg.routing.router.hidden}
     if cfg.attention.convert:
-        split_spec["attention"] = {k: cfg.attention[k] for k in ATTENTION_SPLIT_KEYS if k != "convert"}
-    out["split"] = Artifact(root, "split", split_spec, out["sparsify"])
-    out["routers"] = Artifact(root, "routers", {"router": spec_of(cfg.routing.router, "router"), **trainer},
-                              out["split"])
-    return out
+        spec["attention"] = {k: cfg.attention[k] for k in ATTENTION_SPLIT_KEYS if k != "convert"}
+    return spec
+
+
+def routers_spec(cfg: DictConfig) -> dict:
+    return {"router": spec_of(cfg.routing.router, "router")}
 
 
 def obtain(ctx: Context, art: Artifact, stage: str, make) -> nn.Module:
@@ -274,7 +281,7 @@ def metrics(trainer: L.Trainer) -> dict:
     return {**{k: float(v) for k, v in trainer.callback_metrics.items()}, "world_size": trainer.world_size}
 
 
-def train_dense(ctx: Context):
+def train_dense(ctx: Context, _: None = None):
     model = ctx.adapter.build(ctx.dims.num_labels)
     s = ctx.cfg.dense
     if s.epochs == 0 or s.get("max_steps", -1) == 0:  # a pretrained model that is the reference as it is
@@ -313,6 +320,31 @@ def train_routers(ctx: Context, moe: nn.Module):
     r = ctx.cfg.routing.router
     trainer = ctx.fit(RouterTraining(moe, ctx.adapter, r.lr, r.weight_decay), r, "routers")
     return moe, metrics(trainer)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # its artifact's name: <name>-<hash>
+    stage: str  # the architecture its weights load into (architecture.STAGES)
+    make: Callable[[Context, nn.Module | None], tuple[nn.Module, dict]]  # from the previous phase's model
+    spec: Callable[[DictConfig], dict]  # the settings it depends on (its artifact's hash)
+    trained: bool = True  # a Trainer runs it, so the Trainer settings that change training join its spec
+    needed: Callable[[DictConfig], bool] = lambda cfg: True
+
+
+# The phases in order: the only place that knows it. Each starts from the previous needed one.
+PHASES = (
+    Phase("dense", "dense", train_dense, dense_spec),
+    Phase("attention", "attention", distill_attention, attention_spec, needed=lambda cfg: bool(cfg.attention.convert)),
+    Phase("sparsify", "sparse", sparsify, sparsify_spec),
+    Phase("split", "moe", split, split_spec, trained=False),
+    Phase("routers", "moe", train_routers, routers_spec),
+)
+
+
+def chain(cfg: DictConfig) -> list[Phase]:
+    """The phases this config runs, in order."""
+    return [phase for phase in PHASES if phase.needed(cfg)]
 
 
 def gates(cfg: DictConfig) -> list[tuple[dict, object]]:
@@ -376,18 +408,18 @@ def convert(cfg: DictConfig, wandb_run=None) -> tuple[Context, nn.Module, nn.Mod
     """The dense reference and the converted model (routers trained) for one config. Upstream phases
     are loaded or trained only when a downstream artifact is missing."""
     ctx = build_context(cfg, wandb_run)
-    art = artifacts(cfg)
-    dense = obtain(ctx, art["dense"], "dense", lambda: train_dense(ctx))
+    arts, phases = artifacts(cfg), chain(cfg)
+    models: dict[int, nn.Module] = {}
 
-    def base() -> nn.Module:  # what sparsify starts from: the dense model, or its projections distilled into MLPs
-        if "attention" not in art:
-            return dense
-        return obtain(ctx, art["attention"], "attention", lambda: distill_attention(ctx, dense))
+    def model_of(i: int) -> nn.Module:  # phase i's model: loaded, or made from phase i - 1's
+        if i not in models:
+            phase = phases[i]
+            make = lambda: phase.make(ctx, model_of(i - 1) if i else None)  # noqa: E731
+            models[i] = obtain(ctx, arts[phase.name], phase.stage, make)
+        return models[i]
 
-    sparse = lambda: obtain(ctx, art["sparsify"], "sparse", lambda: sparsify(ctx, base()))  # noqa: E731
-    moe = lambda: obtain(ctx, art["split"], "moe", lambda: split(ctx, sparse()))  # noqa: E731
-    routed = obtain(ctx, art["routers"], "moe", lambda: train_routers(ctx, moe()))
-    return ctx, dense, routed
+    dense = model_of(0)
+    return ctx, dense, model_of(len(phases) - 1)
 
 
 def run(cfg: DictConfig, wandb_run=None) -> Results:

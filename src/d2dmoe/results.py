@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .tasks import within
+from .tasks import higher_is_better, within
 
 # how far from dense a point may be and still count as keeping its quality
 TOLERANCE = {"accuracy": 0.01, "loss": 0.02}  # absolute accuracy; relative loss
@@ -97,13 +97,13 @@ def plot_pareto(points: list[dict], path: Path) -> Path:
     for p in points:
         if p["method"] == "dense":
             ax.plot([p["rel_cost"]], [p["value"]], "k*", ms=12, label="dense")
-            if p["metric"] == "loss":
-                ax.axhline(p["value"] * (1 + TOLERANCE["loss"]), color="gray", ls=":", lw=1, label="dense + 2%")
-            else:
+            if higher_is_better(p["metric"]):
                 ax.axhline(p["value"] - TOLERANCE["accuracy"], color="gray", ls=":", lw=1, label="dense - 1 point")
+            else:
+                ax.axhline(p["value"] * (1 + TOLERANCE["loss"]), color="gray", ls=":", lw=1, label="dense + 2%")
     first = points[0]
     ax.set_xlabel("relative cost (MACs per sample / dense MACs)")
-    ax.set_ylabel(first["metric"] + (" (lower is better)" if first["metric"] == "loss" else ""))
+    ax.set_ylabel(first["metric"] + ("" if higher_is_better(first["metric"]) else " (lower is better)"))
     ax.set_title(f"{first['model']} on {first['data']}  (dynamic-k: expert runs iff r >= tau * max r)",
                  fontsize=8)
     ax.grid(alpha=0.3)

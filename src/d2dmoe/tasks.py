@@ -14,6 +14,7 @@ class Classification:
 
     metric = "accuracy"
     higher_is_better = True
+    head_from_labels = True  # the model's head has one output per label of the data
 
     def loss(self, logits: torch.Tensor, batch: dict, mask: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, batch["labels"])  # logits [B, C]
@@ -32,6 +33,7 @@ class LanguageModeling:
 
     metric = "loss"
     higher_is_better = False
+    head_from_labels = False  # the head is the vocabulary's, whatever the data
 
     def token_losses(self, logits: torch.Tensor, batch: dict, mask: torch.Tensor):
         """Per-target cross-entropy [B, T-1] and the mask of targets that count [B, T-1]."""
@@ -52,9 +54,22 @@ class LanguageModeling:
         return {"perplexity": float(torch.tensor(value).exp())}
 
 
+TASKS = {task.metric: task for task in (Classification(), LanguageModeling())}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Which way a metric a points file names is better, from the task that reports it."""
+    return TASKS[metric].higher_is_better
+
+
+def sign(metric: str) -> float:
+    """+1 when higher is better, -1 when lower is: `sign * value` always compares higher-is-better."""
+    return 1.0 if higher_is_better(metric) else -1.0
+
+
 def within(task_metric: str, value: float, dense: float, tolerance: float) -> bool:
-    """Whether a converted point keeps the dense quality: at most `tolerance` accuracy below dense
-    (absolute), or a loss at most `tolerance` above dense (relative)."""
-    if task_metric == "loss":
-        return value <= dense * (1 + tolerance)
-    return value >= dense - tolerance
+    """Whether a converted point keeps the dense quality: at most `tolerance` below dense (absolute:
+    accuracy points), or at most `tolerance` above dense (relative: a loss)."""
+    if higher_is_better(task_metric):
+        return value >= dense - tolerance
+    return value <= dense * (1 + tolerance)

@@ -202,9 +202,8 @@ def check_config(cfg: DictConfig) -> None:
             and d.val_fraction + d.test_fraction >= 1:
         raise ConfigError("data.val_fraction", f"with data.test_fraction={d.test_fraction} leaves no training "
                                                f"data (their sum must be < 1), got {d.val_fraction}")
-    if cfg.attention.convert and family == "llama":
-        raise ConfigError("attention.convert", "not supported for gated-FFN LLMs (model.family=llama): "
-                                               "their grouped-query K/V projections are not d -> d")
+    if cfg.attention.convert and (reason := ADAPTERS[family].no_attention_conversion):
+        raise ConfigError("attention.convert", reason)
     r = cfg.routing
     if r.rule in ("dynk", "both") and not r.get("taus"):
         raise ConfigError("routing.taus", "empty list; give at least one tau in [0, 1]")

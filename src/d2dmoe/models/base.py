@@ -27,9 +27,18 @@ class Dims:
 
 
 class Adapter:
+    """A family's adapter. Each family provides `dims`, `build`, `find_blocks`, `make_ffn`,
+    `ffn_slots` and `fixed_macs` (and `projection_slots` for attention.convert); it may override
+    `tokenizer`, `forward`, `token_mask`, `patch_grid` and `projection_macs`, and the facts below."""
+
     family = ""
     task = Classification()
     where = ""  # where the family keeps its blocks, for error messages
+    # why attention.convert cannot work for the family, or None when it can
+    no_attention_conversion: str | None = None
+    # a transformers model: its config.json and tokenizer are saved beside a converted model's
+    # weights, and loading reads them from that folder
+    config_in_folder = True
 
     def __init__(self, name: str, path: str | None = None, family: str | None = None, pretrained: bool = True,
                  config: dict | None = None, attn_implementation: str = "sdpa", trust_remote_code: bool = False):

@@ -14,6 +14,7 @@ class LlamaAdapter(CausalLMAdapter):
     where = "model.model.layers[i].mlp (gate_proj, up_proj, down_proj, act_fn)"
     config_class = "LlamaConfig"
     ffn_matrices = 3
+    no_attention_conversion = "not supported for gated-FFN LLMs (the llama family): their grouped-query K/V projections are not d -> d"
 
     def find_blocks(self, model: nn.Module) -> list[nn.Module]:
         return model.model.layers
@@ -28,5 +29,4 @@ class LlamaAdapter(CausalLMAdapter):
         return [(block, "mlp") for block in self.blocks(model)]
 
     def projection_slots(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
-        raise NotImplementedError("attention.convert is not supported for gated-FFN LLMs (the llama family): "
-                                  "their grouped-query K/V projections are not d -> d")
+        raise NotImplementedError(f"attention.convert is {self.no_attention_conversion}")

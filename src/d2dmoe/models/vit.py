@@ -20,6 +20,7 @@ class VitAdapter(Adapter):
 
     family = "vit"
     where = "model.blocks[i].mlp (timm Mlp: fc1, act, fc2)"
+    config_in_folder = False  # timm: the architecture is the adapter's settings, no config file
 
     def __init__(self, *args, weights_file: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,0 +1,204 @@
+"""Render the README's results section from the JSON files the benchmark and figure scripts write,
+so that its numbers cannot drift from them.
+
+    python experiments/render_readme.py           # rewrite the block between the markers in README.md
+    python experiments/render_readme.py --check   # exit 1, with a diff, when README.md differs
+
+The block (between `<!-- results:begin -->` and `<!-- results:end -->`) is made from:
+
+- figures/fig_main_default.json (experiments/fig_main.py): D2DMoE's margin over MoEfication on the
+  built-in default, with figures/fig_main_default.png;
+- benchmark/bench_wallclock.json, its "model" rows (experiments/bench_wallclock.py): the converted
+  default at each tau against its dense model, counted cost, metric and wall time;
+- every benchmark/*.json that experiments/benchmark.py wrote (a "wall_s" key): one row per preset.
+
+Every number says the split it was measured on: the JSON's own "split" key where it has one, else
+the split the script that wrote it measures on (SPLIT_OF; tests/test_readme.py checks those scripts).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+
+from d2dmoe.figures import default_alpha
+from d2dmoe.results import TOLERANCE, cheapest_within
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+MAIN_JSON = "figures/fig_main_default.json"
+MAIN_FIGURE = "figures/fig_main_default.png"
+WALLCLOCK_JSON = "benchmark/bench_wallclock.json"
+BENCHMARK_DIR = "benchmark"
+
+# The split each script measures on, for JSON files that do not say. benchmark.py and fig_main.py read
+# run.py's points.jsonl, whose points pipeline.evaluate_phase measures on the test split (each point
+# carries "split": "test"); bench_wallclock.py's whole-model rows run over the test dataloader.
+SPLIT_OF = {"benchmark.py": "test", "fig_main.py": "test", "bench_wallclock.py": "test"}
+ROW_KEYS = {"tau", "rel_cost", "time_ratio", "ms"}  # bench_wallclock.py's model rows; the rest is the metric
+
+
+def split_of(data: dict, script: str) -> str:
+    return data.get("split") or SPLIT_OF[script]
+
+
+def value(metric: str, v: float) -> str:
+    return f"{100 * v:.2f}%" if metric == "accuracy" else f"{v:.3f}"
+
+
+def margin(metric: str, m: float | None) -> str:
+    """fig_main.py's margins: positive = D2DMoE better (accuracy points, or nats of loss)."""
+    if m is None:
+        return "outside the shared range"
+    return f"{100 * m:+.2f} points" if metric == "accuracy" else f"{m:+.4f} nats"
+
+
+def bar(metric: str, tolerance: float) -> str:
+    if metric == "loss":
+        return f"loss at most {100 * tolerance:g}% above dense"
+    return f"accuracy at most {100 * tolerance:g} point{'s' if tolerance != 0.01 else ''} below dense"
+
+
+def main_figure(root: Path) -> list[str]:
+    panels = json.loads((root / MAIN_JSON).read_text())
+    split = split_of(panels, "fig_main.py")
+    default = default_alpha()
+    out = [f"D2DMoE against MoEfication on the built-in default: `python run.py -m experiment=fig_main && "
+           f"python experiments/fig_main.py --results results/fig_main --name fig_main_default` "
+           f"(`{MAIN_JSON}`). The sweep runs D2DMoE (dynamic-k) at the experiment's alpha and at alpha 0 "
+           f"(the ReLU swap alone), and MoEfication (top-k); each margin is D2DMoE's Pareto frontier minus "
+           f"MoEfication's, linearly interpolated, on the {split} split.", "",
+           f"![D2DMoE against MoEfication on the built-in default]({MAIN_FIGURE})", ""]
+    for panel, s in panels.items():
+        metric = s["metric"]
+        out += [f"`{panel}`, dense {metric} {value(metric, s['dense'])} ({split}):", "",
+                f"| D2DMoE minus MoEfication, {split} {metric} | at rel_cost 0.5 | at rel_cost 0.75 "
+                "| lowest (at rel_cost) | shared rel_cost range |",
+                "|---|---|---|---|---|"]
+        alphas = sorted(s.get("by_alpha", {}).items(), key=lambda ac: (float(ac[0]) != default, float(ac[0])))
+        rows = [(f"alpha {a}" + (" (the default's)" if float(a) == default else ""), c) for a, c in alphas]
+        if "alpha_envelope" in s:
+            rows.append(("best alpha at each cost", s["alpha_envelope"]))
+        if not rows:
+            rows = [("D2DMoE", s)]
+        for label, c in rows:
+            lo, hi = c["shared_range"] or (None, None)
+            low = (f"{margin(metric, c['min_margin'])} ({c['min_margin_at']:.3f})"
+                   if c["min_margin"] is not None else "none")
+            out.append(f"| {label} | {margin(metric, c['margin_at'].get('0.5'))} "
+                       f"| {margin(metric, c['margin_at'].get('0.75'))} | {low} "
+                       f"| {'none' if lo is None else f'{lo:.3f} to {hi:.3f}'} |")
+        out.append("")
+    return out
+
+
+def wallclock(root: Path) -> list[str]:
+    data = json.loads((root / WALLCLOCK_JSON).read_text())
+    rows = data["model"]
+    split = split_of(data, "bench_wallclock.py")
+    metric = next(k for k in rows[0] if k not in ROW_KEYS)
+    setting = " ".join(f"`{o}`" for o in data["model_overrides"]) or "the built-in default"
+    points = [{**r, "method": "dense" if r["tau"] is None else "converted", "metric": metric, "value": r[metric]}
+              for r in rows]
+    dense = next(p for p in points if p["method"] == "dense")
+    best = cheapest_within(points)
+    device = "CPU" if data["device"] == "cpu" else data["device"]
+    cells = ["dense" if r["tau"] is None else f"{r['tau']:g}" for r in rows]
+    out = [f"The converted model at each tau against its dense model ({setting}; `{WALLCLOCK_JSON}`, "
+           f"written by `python experiments/bench_wallclock.py`): counted cost, {split} {metric}, and wall "
+           f"time over the whole {split} split (the median of {data['model_repeats']} passes, "
+           f"{data['threads']} threads, {device}) as a fraction of the dense model's.", "",
+           "| tau | " + " | ".join(cells) + " |",
+           "|---|" + "---|" * len(cells),
+           f"| rel_cost ({split}) | " + " | ".join(f"{r['rel_cost']:.3f}" for r in rows) + " |",
+           f"| {split} {metric} | " + " | ".join(value(metric, r[metric]) for r in rows) + " |",
+           f"| wall time / dense ({split}) | " + " | ".join(f"{r['time_ratio']:.3f}" for r in rows) + " |", ""]
+    said = []
+    if best is not None:
+        speed = dense["ms"] / best["ms"]
+        said.append(f"The cheapest point within the bar ({bar(metric, TOLERANCE[metric])}) is tau {best['tau']:g}: "
+                    f"rel_cost {best['rel_cost']:.3f}, {value(metric, best['value'])} ({split}), "
+                    f"{speed:.2f}x faster than dense ({best['ms'] / 1000:.2f} s against "
+                    f"{dense['ms'] / 1000:.2f} s per pass over the {split} split).")
+    slower = [f"{r['tau']:g}" for r in rows if r["tau"] is not None and r["time_ratio"] > 1]
+    if slower:
+        said.append(f"Slower than dense over the {split} split (wall time / dense above 1) at tau "
+                    f"{', '.join(slower)}: [docs/results.md](docs/results.md#wall-clock-time) has the "
+                    "per-layer measurements.")
+    out.append(" ".join(said))
+    return out + [""]
+
+
+def benchmarks(root: Path) -> list[str]:
+    found = []
+    for path in sorted((root / BENCHMARK_DIR).glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "wall_s" in data:  # written by experiments/benchmark.py
+            found.append((path, data))
+    found.sort(key=lambda f: (f[1]["overrides"] != [], f[0].name))  # the built-in default first
+    out = ["One row per preset: `python experiments/benchmark.py [overrides]` times `run.py` (every phase "
+           "trained in a fresh artifacts folder unless given `--artifacts`) and writes `benchmark/<name>.json`. "
+           "The cheapest point is the converted point of lowest rel_cost within the bar. Each wall time is one "
+           "run; [docs/results.md](docs/results.md#benchmark) records the machines and what else ran alongside.",
+           "",
+           "| preset | file | wall time (CPUs) | dense | bar | cheapest rel_cost within the bar | at |",
+           "|---|---|---|---|---|---|---|"]
+    for path, d in found:
+        metric, split = d["metric"], split_of(d, "benchmark.py")
+        preset = " ".join(f"`{o}`" for o in d["overrides"]) or "the built-in default"
+        rel = path.relative_to(root).as_posix()
+        if d["best_rel_cost"] is None:
+            cheapest, there = f"none ({split})", "no converted point within the bar"
+        else:
+            at = f"tau {d['best_tau']:g}" if d["best_tau"] is not None else f"k {d['best_k']}"
+            cheapest = f"{d['best_rel_cost']:.3f} ({split})"
+            there = (f"{at}: {metric} {value(metric, d['best_value'])}, "
+                     f"{d['best_experts_per_token']:.1f} experts/token")
+        out.append(f"| {preset} | `{rel}` | {d['wall_s']:.0f} s ({d['threads']}) "
+                   f"| {metric} {value(metric, d['dense_value'])} ({split}) | {bar(metric, d['tolerance'])} "
+                   f"| {cheapest} | {there} |")
+    return out + [""]
+
+
+def render(root: Path = ROOT) -> str:
+    """The block's text between the markers (the markers excluded)."""
+    lines = ["<!-- made by `python experiments/render_readme.py` from the JSON files named below: "
+             "edit those (or the script), not this block -->", "",
+             *main_figure(root), *wallclock(root), *benchmarks(root)]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def replace_block(readme: str, block: str) -> str:
+    start, end = readme.find(BEGIN), readme.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md needs the markers {BEGIN} and {END}, in that order")
+    return readme[:start + len(BEGIN)] + "\n" + block + readme[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 when README.md differs from the rendering")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--root", type=Path, default=ROOT, help="where figures/ and benchmark/ are")
+    args = parser.parse_args(argv)
+
+    current = args.readme.read_text()
+    rendered = replace_block(current, render(args.root))
+    if args.check:
+        if rendered == current:
+            return 0
+        sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), rendered.splitlines(True),
+                                                   str(args.readme), "rendered"))
+        print(f"{args.readme} differs from the JSON files: run python experiments/render_readme.py", file=sys.stderr)
+        return 1
+    if rendered != current:
+        args.readme.write_text(rendered)
+        print(f"rewrote the results block of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

