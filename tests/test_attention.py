@@ -364,7 +364,7 @@ def test_sparsify_can_give_the_projection_mlps_their_own_learning_rate():
     assert not mlps & {id(p) for p in rest["params"]} and rest["initial_lr"] == 5e-5
     assert len(rest["params"]) + len(projections["params"]) == len(list(model.parameters()))
     for one in (TaskTraining(model, adapter, lr=5e-5),  # no attention_lr
-                TaskTraining(adapter.install_ffns(build("bert", adapter), nn.ReLU()), adapter, 5e-5,
+                TaskTraining(adapter.install_ffns(build("bert", adapter), nn.ReLU()), adapter, lr=5e-5,
                              attention_lr=1e-3)):  # no projection MLPs
         one.trainer = SimpleNamespace(estimated_stepping_batches=10)
         assert len(one.configure_optimizers()["optimizer"].param_groups) == 1

@@ -281,12 +281,18 @@ def metrics(trainer: L.Trainer) -> dict:
     return {**{k: float(v) for k, v in trainer.callback_metrics.items()}, "world_size": trainer.world_size}
 
 
+def settings(group: DictConfig, *keys: str) -> dict:
+    """A phase module's keyword arguments, by name from the phase's config group."""
+    return {k: group[k] for k in keys}
+
+
 def train_dense(ctx: Context, _: None = None):
     model = ctx.adapter.build(ctx.dims.num_labels)
     s = ctx.cfg.dense
     if s.epochs == 0 or s.get("max_steps", -1) == 0:  # a pretrained model that is the reference as it is
         return model, {}
-    trainer = ctx.fit(TaskTraining(model, ctx.adapter, s.lr, s.weight_decay, s.warmup_fraction), s, "dense")
+    module = TaskTraining(model, ctx.adapter, **settings(s, "lr", "weight_decay", "warmup_fraction"))
+    trainer = ctx.fit(module, s, "dense")
     return model, metrics(trainer)
 
 
@@ -294,8 +300,8 @@ def distill_attention(ctx: Context, dense: nn.Module):
     a = ctx.cfg.attention
     model = install_projection_mlps(ctx.adapter, copy.deepcopy(dense), distill=True, init=a.init,
                                    width=a.width)  # dense stays
-    trainer = ctx.fit(AttentionDistillation(model, ctx.adapter, a.lr, a.weight_decay, a.warmup_fraction), a,
-                      "attention")
+    module = AttentionDistillation(model, ctx.adapter, **settings(a, "lr", "weight_decay", "warmup_fraction"))
+    trainer = ctx.fit(module, a, "attention")
     return finish_distillation(ctx.adapter, model), metrics(trainer)
 
 
@@ -303,8 +309,8 @@ def sparsify(ctx: Context, base: nn.Module):
     """base: the dense model, or its attention-converted form."""
     model = ctx.adapter.install_ffns(copy.deepcopy(base), sparse_activation(ctx.cfg))  # base stays as it is
     s = ctx.cfg.sparsity
-    module = TaskTraining(model, ctx.adapter, s.lr, s.weight_decay, s.warmup_fraction, s.penalty, s.alpha,
-                          s.schedule, s.attention_scale, s.attention_lr)
+    module = TaskTraining(model, ctx.adapter, **settings(s, "lr", "weight_decay", "warmup_fraction", "penalty", "alpha",
+                                                         "schedule", "attention_scale", "attention_lr"))
     trainer = ctx.fit(module, s, "sparsify")
     return model, metrics(trainer)
 
@@ -318,7 +324,7 @@ def split(ctx: Context, sparse: nn.Module):
 
 def train_routers(ctx: Context, moe: nn.Module):
     r = ctx.cfg.routing.router
-    trainer = ctx.fit(RouterTraining(moe, ctx.adapter, r.lr, r.weight_decay), r, "routers")
+    trainer = ctx.fit(RouterTraining(moe, ctx.adapter, **settings(r, "lr", "weight_decay")), r, "routers")
     return moe, metrics(trainer)
 
 

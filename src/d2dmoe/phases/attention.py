@@ -17,7 +17,7 @@ from .guard import check_finite
 class AttentionDistillation(L.LightningModule):
     phase = "attention"
 
-    def __init__(self, model: torch.nn.Module, adapter, lr: float = 1e-3, weight_decay: float = 0.0,
+    def __init__(self, model: torch.nn.Module, adapter, *, lr: float = 1e-3, weight_decay: float = 0.0,
                  warmup_fraction: float = 0.05):
         """model: the dense model with a `Distill` in place of each projection."""
         super().__init__()

@@ -15,7 +15,7 @@ from .guard import check_finite
 class TaskTraining(L.LightningModule):
     phase = "dense"  # the name errors and logs use; the pipeline sets it to the phase it runs
 
-    def __init__(self, model: torch.nn.Module, adapter, lr: float, weight_decay: float = 0.01,
+    def __init__(self, model: torch.nn.Module, adapter, *, lr: float, weight_decay: float = 0.01,
                  warmup_fraction: float = 0.1, penalty: str | None = None, alpha: float = 0.0,
                  schedule: str = "linear_warmup", attention_scale: float = 1.0,
                  attention_lr: float | None = None):

@@ -52,7 +52,7 @@ def moefication_loss(moe: MoE, x: torch.Tensor, h: torch.Tensor, mask: torch.Ten
 class RouterTraining(L.LightningModule):
     phase = "routers"
 
-    def __init__(self, model: torch.nn.Module, adapter, lr: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(self, model: torch.nn.Module, adapter, *, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__()
         self.model = model.eval()  # the base stays in eval mode (no dropout) while routers train
         self.adapter = adapter
