@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from d2dmoe.cli import run_job, sweep_failures
+from d2dmoe.job import run_job, sweep_failures
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

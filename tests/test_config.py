@@ -10,12 +10,12 @@ from omegaconf import OmegaConf
 from d2dmoe.figures import default_alpha
 from d2dmoe.models import Dims
 from d2dmoe.validate import CHECKS, ConfigError, Rule, check_config, check_model, config_keys, decision
-from tests.conftest import CONF, compose_config
+from tests.conftest import CONF, compose_config, params_needing_smollm2
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", params_needing_smollm2(EXPERIMENTS))
 def test_every_experiment_composes_and_passes_checks(name):
     cfg = compose_config([f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True)

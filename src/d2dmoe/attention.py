@@ -134,9 +134,10 @@ def distill_modules(model: nn.Module) -> list[Distill]:
 
 
 def finish_distillation(adapter, model: nn.Module) -> nn.Module:
-    """Put each `Distill`'s MLP in its place: the originals are dropped."""
+    """Put each `Distill`'s MLP in its place: the originals are dropped, and every weight trains again
+    (distillation froze all but the MLPs; the next phase, sparsify, trains the whole model)."""
     for parent, attr in projection_slots(adapter, model):
         module = getattr(parent, attr)
         if isinstance(module, Distill):
             setattr(parent, attr, module.mlp)
-    return model
+    return model.requires_grad_(True)

@@ -1,124 +1,127 @@
-"""One Hydra job: checks, W&B run, pipeline, results files, printed table. In a sweep a failing job
-leaves `failed.txt` (the error and its traceback) in its directory instead of stopping the sweep,
-and `SweepReport` lists the failed jobs when the sweep ends."""
+"""The `d2dmoe` command.
+
+    d2dmoe convert [Hydra overrides] convert.budget=0.5 convert.out=DIR   # convert, pick tau, save
+    d2dmoe info DIR                                                       # what a saved model is
+
+`convert` is a Hydra job like run.py (the same config groups, reusing the same artifacts): it runs
+the phases, measures every `routing.taus` value on the validation split, picks the tau with the
+best validation metric whose validation rel_cost is within the budget, measures that tau on the
+test split and saves the model (export.py). With `convert.per_layer=true` it also calibrates a tau
+per MoE layer (calibrate.py), picks among those the same way, saves that, and reports the global
+tau's test numbers beside it.
+"""
 from __future__ import annotations
 
+import json
 import logging
-import os
-import time
-import traceback
-import warnings
+import sys
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .validate import check_config
-
 log = logging.getLogger(__name__)
-FAILED = "failed.txt"
-sweep_failures: list[str] = []  # the last sweep's failed jobs, for run.py's exit status
+CONF = Path(__file__).resolve().parents[2] / "conf"  # the repository's configs (editable install)
+USAGE = __doc__.split("\n\n")[1]
 
 
-def wandb_group(cfg: DictConfig) -> str:
-    """Jobs of one sweep share a group (the sweep directory); a single run is its own group."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["info"] and len(argv) == 2:
+        print(info(argv[1]))
+        return 0
+    if argv[:1] == ["convert"]:
+        import hydra
 
-    if cfg.logger.group:
-        return cfg.logger.group
-    hc = HydraConfig.get()
-    base = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir
-    return f"{cfg.model.name}-{cfg.data.name}-{Path(base).name}"
-
-
-def start_wandb(cfg: DictConfig, out_dir: Path):
-    import wandb
-
-    from hydra.core.hydra_config import HydraConfig
-
-    return wandb.init(mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity,
-                      group=wandb_group(cfg),
-                      name=f"{Path(out_dir).name}-{HydraConfig.get().job.override_dirname or 'default'}"[:120],
-                      job_type="convert", dir=str(out_dir), reinit="finish_previous",
-                      config=OmegaConf.to_container(cfg, resolve=True))
+        if not CONF.is_dir():
+            sys.exit(f"d2dmoe convert reads the repository's conf/ ({CONF} is missing): install with pip install -e")
+        sys.argv = [sys.argv[0], *argv[1:]]
+        hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(convert_job)()
+        return 0
+    sys.exit(f"usage:\n{USAGE}")
 
 
-def run_job(cfg: DictConfig) -> list[dict] | None:
-    """One job. A single run raises its errors; a sweep's job records them (FAILED) and returns None,
-    so that the other jobs run and keep their results."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    (out_dir / FAILED).unlink(missing_ok=True)  # from an earlier attempt of this job
-    try:
-        return convert_and_report(cfg, out_dir)
-    except Exception as err:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
-        (out_dir / FAILED).write_text(f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        log.error("job failed (%s): %s: %s", out_dir, type(err).__name__, err)
-        return None
-
-
-def convert_and_report(cfg: DictConfig, out_dir: Path) -> list[dict]:
+def convert_job(cfg: DictConfig) -> dict:
     from . import pipeline
-    from .results import log_wandb, plot_pareto, table, write_points, write_stats
+    from .calibrate import layer_calibration, measure
+    from .export import choose_tau, model_spec, save
+    from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
+    from .job import quiet_lightning
+    from .validate import check_config
 
-    if cfg.offline:  # before anything imports huggingface_hub: no 25 s DNS retries per hub call
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    check_config(cfg)
+    check_config(cfg)  # the convert.* keys among them
     quiet_lightning()
-    run = start_wandb(cfg, out_dir) if cfg.logger.enabled else None
-    try:
-        results = pipeline.run(cfg, run)
-        points = results.points
-        write_stats(results, out_dir)
-        write_points(points, out_dir)  # last: a run directory with points.jsonl is complete
-        png = plot_pareto(points, out_dir / "pareto.png")
-        if run is not None:
-            log_wandb(run, points, png, results.stats)
-        print(f"\n{cfg.model.name} on {cfg.data.name}: results in {out_dir}\n{table(points)}\n", flush=True)
-        return points
-    finally:
-        if run is not None:
-            run.finish()
+    budget = cfg.convert.budget
+    ctx, dense, moe = pipeline.convert(cfg)
+    metric = ctx.adapter.task.metric
+    set_impl(moe, cfg.experts.impl)
+    calibration = []
+    for tau in cfg.routing.taus:
+        set_gate(moe, DynamicKGate(float(tau)))
+        calibration.append({"tau": float(tau), **measure(ctx, moe, "validation")})
+    chosen = choose_tau(calibration, budget, metric)
+    set_gate(moe, DynamicKGate(chosen["tau"]))
+    test = measure(ctx, moe)
+    operating = {"tau": chosen["tau"], "layer_taus": None}
+    if cfg.convert.per_layer:  # a tau per layer, chosen the same way; the global choice kept for comparison
+        layer_rows = layer_calibration(ctx, moe, list(cfg.convert.layer_taus), calibration,
+                                       cfg.convert.profile_batches)
+        chosen_layers = choose_tau(layer_rows, budget, metric)
+        set_layer_taus(moe, chosen_layers["taus"])
+        global_test, test = test, measure(ctx, moe)
+        operating.update(layer_taus=chosen_layers["taus"], layer_calibration=layer_rows,
+                         global_measured={"split": "test", **global_test})
+    reference = measure(ctx, dense)
+    free_scratch()
+    measured = {"split": "test", **test, "dense_value": reference["value"]}
+    spec = {**model_spec(OmegaConf.to_container(cfg.model, resolve=True), moe, ctx.dims.num_labels
+                         if ctx.adapter.task.head_from_labels else None, cfg.sparsity.activation, cfg.routing.router.kind,
+                         pipeline.attention_experts(cfg)),
+            "metric": metric, "budget": budget, "calibration": calibration, **operating, "measured": measured}
+    out = save(cfg.convert.out, moe, spec, ctx.data.tokenizer)
+    print(f"\n{info(out)}\n", flush=True)
+    return spec
 
 
-def quiet_lightning() -> None:
-    """Lightning's banners ("GPU available", a litlogger tip, ...) come once per Trainer: one per
-    training phase and one per evaluated tau. The run logs its own line per phase and per point."""
-    from datasets.utils.logging import disable_progress_bar
+def info(path: str | Path) -> str:
+    """A saved model's family, experts, tau, and its measured test rel_cost and metric."""
+    from .export import CONFIG
 
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    disable_progress_bar()  # datasets' bars while tokenising and caching, once per split
-    # tokenised data collate in microseconds: worker processes would only add start-up time
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the routers phase freezes the base
-    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")  # inside Lightning
+    folder = Path(path)
+    if not (folder / CONFIG).is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG} (not a converted model folder)")
+    spec = json.loads((folder / CONFIG).read_text())
+    e, m = spec["experts"], spec["measured"]
+    chosen = f"(budget {spec['budget']:g}, chosen on validation)"
+    operating = (f"a tau per MoE layer {chosen}: " + " ".join(f"{t:g}" for t in spec["layer_taus"])
+                 if spec.get("layer_taus") else f"tau {spec['tau']:g} {chosen}")
+    lines = [f"{folder}: {spec['adapter'].get('name')} ({spec['family']}), metric {spec['metric']}",
+             f"experts: {e['num_experts']} per FFN of {e['expert_size']} neurons, router {e['router_kind']} "
+             f"(hidden {e['router_hidden']}), activation {e['activation']}"
+             + (projections(e["attention"]) if e["attention"] else ""),
+             operating]
+    if spec.get("layer_taus"):
+        g = spec["global_measured"]
+        lines.append(f"{g['split']} with one global tau {spec['tau']:g} instead: rel_cost {g['rel_cost']:.4f}, "
+                     f"{spec['metric']} {g['value']:.4f}")
+    lines += [(f"{m['split']}: rel_cost {m['rel_cost']:.4f}, {spec['metric']} {m['value']:.4f} "
+               f"(dense {m['dense_value']:.4f}), {m['experts_per_token']:.2f} experts per token"),
+              "validation, global tau (rel_cost / metric): "
+              + ", ".join(f"tau {r['tau']:g}: {scored(r)}" for r in spec["calibration"])]
+    if spec.get("layer_calibration"):
+        lines.append("validation, a tau per layer at each global tau's predicted cost: "
+                     + ", ".join(f"tau {r['tau']:g}: {scored(r)}" for r in spec["layer_calibration"]))
+    return "\n".join(lines)
 
 
-class SweepReport(Callback):
-    """At the end of a sweep, print which jobs failed and why (each job's FAILED file, whatever the
-    launcher: local, joblib or SLURM jobs all write into the sweep directory)."""
+def projections(attention: dict) -> str:
+    """The attention projections' experts; folders from before attention.width give no width."""
+    size = f" of {attention['hidden'] // attention['num_experts']} neurons" if "hidden" in attention else ""
+    return f"; attention projections: {attention['num_experts']} experts each{size}"
 
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.started = time.time()
 
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        started = getattr(self, "started", 0.0)
-        failed = sorted(p for p in sweep.rglob(FAILED) if p.stat().st_mtime >= started)
-        sweep_failures[:] = [str(p.parent) for p in failed]
-        if not failed:
-            return
-        lines = [f"{len(failed)} job(s) of the sweep in {sweep} failed:"]
-        for path in failed:
-            overrides = path.parent / ".hydra" / "overrides.yaml"
-            what = " ".join(line.lstrip("- ").strip() for line in overrides.read_text().splitlines()) \
-                if overrides.exists() else ""
-            lines.append(f"  {path.parent.name} [{what}]: {path.read_text().splitlines()[0]}")
-        lines.append(f"(tracebacks in each job's {FAILED}; the other jobs' results are complete)")
-        print("\n".join(lines), flush=True)
+def scored(row: dict) -> str:
+    return f"{row['rel_cost']:.3f} / {row['value']:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from .console import CONF
+from .cli import CONF
 from .results import read_points, read_stats
 from .tasks import sign
 

@@ -267,11 +267,14 @@ def routers_spec(cfg: DictConfig) -> dict:
     return {"router": spec_of(cfg.routing.router, "router")}
 
 
-def obtain(ctx: Context, art: Artifact, stage: str, make) -> nn.Module:
-    """The artifact's model if it exists; otherwise `make()` -> (model, info), saved, then returned."""
+def obtain(ctx: Context, art: Artifact, stage: str, make, upstream=lambda: None) -> nn.Module:
+    """The artifact's model if it exists; otherwise `make(upstream())` -> (model, info), saved, then
+    returned. The upstream model comes first, then the seed: made (which draws random numbers) or
+    loaded, it leaves the phase the same random state, so the phase trains alike either way."""
     def seeded_make():
+        base = upstream()
         L.seed_everything(ctx.cfg.seed, verbose=False)
-        return make()
+        return make(base)
 
     return art.obtain(lambda: art.load_into(ctx.new_model(stage)), seeded_make)
 
@@ -420,8 +423,8 @@ def convert(cfg: DictConfig, wandb_run=None) -> tuple[Context, nn.Module, nn.Mod
     def model_of(i: int) -> nn.Module:  # phase i's model: loaded, or made from phase i - 1's
         if i not in models:
             phase = phases[i]
-            make = lambda: phase.make(ctx, model_of(i - 1) if i else None)  # noqa: E731
-            models[i] = obtain(ctx, arts[phase.name], phase.stage, make)
+            models[i] = obtain(ctx, arts[phase.name], phase.stage, lambda base: phase.make(ctx, base),
+                               lambda: model_of(i - 1) if i else None)
         return models[i]
 
     dense = model_of(0)

@@ -1,0 +1,109 @@
+"""A run interrupted part-way through any training phase (dense, attention, sparsify, routers),
+started again with the same config, resumes that phase from its last checkpoint, reuses what is
+upstream of it, and saves the very weights a run that was never interrupted saves."""
+import logging
+import shutil
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+from d2dmoe import pipeline
+from d2dmoe.resume import LAST
+from tests.conftest import compose_config
+
+# every phase in one chain: the converted attention projections add the attention phase
+OVERRIDES = ["experiment=smoke", "attention.convert=true", "attention.num_experts=4", "attention.router_hidden=8",
+             "checkpoint_every=2"]
+STOP = 3  # interrupted after step 3 of 4: the step-2 checkpoint is the one to resume from, step 3 is redone
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(Callback):
+    """Raises after step `step` of `phase`, as a kill would end it: nothing saved beyond the checkpoints."""
+
+    def __init__(self, phase: str, step: int):
+        self.phase, self.step = phase, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # before ModelCheckpoint's own hook (Lightning runs checkpoint callbacks last)
+        if pl_module.phase == self.phase and trainer.global_step == self.step:
+            raise Interrupted(f"{self.phase} at step {self.step}")
+
+
+class PhaseSaved(Exception):
+    pass
+
+
+class StopAfter(Callback):
+    """Ends the run when a later phase starts training: `phase` is saved by then, and what comes after
+    it is not under test."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.phase != self.phase:
+            raise PhaseSaved(self.phase)
+
+
+def config(root, cache):
+    return compose_config([*OVERRIDES, f"data.cache_dir={cache}"], artifacts_dir=root)
+
+
+def weights(art) -> dict[str, torch.Tensor]:
+    return load_file(art.dir / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """Every phase trained without interruption (checkpoints on, as in the interrupted runs), and the
+    tokenised data cache, shared by every case."""
+    root = tmp_path_factory.mktemp("resume")
+    cfg = config(root / "whole", root / "cache")
+    pipeline.convert(cfg)
+    return root, pipeline.artifacts(cfg)
+
+
+@pytest.mark.parametrize("phase", ["dense", "attention", "sparsify", "routers"])
+def test_a_run_interrupted_in_a_phase_resumes_it_to_the_same_weights(phase, whole, tmp_path, monkeypatch, caplog):
+    root, done = whole
+    cfg = config(tmp_path / "artifacts", root / "cache")
+    arts = pipeline.artifacts(cfg)
+    art = arts[phase]
+    upstream = art.ancestors()
+    for up in upstream:  # made by the uninterrupted run: only this phase trains here
+        shutil.copytree(done[up.phase].dir, up.dir)
+    make_callbacks = pipeline.resume_callbacks
+
+    def run_with(callback: Callback) -> None:
+        monkeypatch.setattr(pipeline, "resume_callbacks", lambda work_dir, every: [*make_callbacks(work_dir, every),
+                                                                                   callback])
+        pipeline.convert(cfg)
+
+    with pytest.raises(Interrupted):
+        run_with(InterruptAt(phase, STOP))
+    assert (art.work_dir / LAST).is_file() and not art.exists()
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="d2dmoe")
+    try:  # the same config again, this time to the end of the phase
+        run_with(StopAfter(phase))
+    except PhaseSaved:
+        pass
+    assert f"resuming {phase} from {art.work_dir / LAST}" in caplog.text
+    assert art.exists() and not art.work_dir.exists()
+    if upstream:
+        assert f"reusing {upstream[0].dir}" in caplog.text
+    assert not [up.phase for up in upstream if f"training {up.phase}" in caplog.text]
+    # made from the very upstream artifacts the uninterrupted run made (their ids), none made again
+    assert art.lineage()["made_from"] == done[phase].lineage()["made_from"]
+    assert all(up.lineage() == done[up.phase].lineage() for up in upstream)
+    resumed, expected = weights(art), weights(done[phase])
+    assert resumed.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(resumed[k], expected[k]), f"{phase}: {k} differs from the uninterrupted run's"
