@@ -37,8 +37,8 @@ def require_local(path: str | Path | None, what: str) -> None:
     p = str(path or "")
     local = p.startswith(("/", "./", "../", "~")) or what == "folder"
     if local and not Path(p).expanduser().exists():
-        raise FileNotFoundError(f"data.path={p}: no such {what}; point data.path at the data (see the README's "
-                                "data section) or use a hub dataset name")
+        raise FileNotFoundError(f"data.path={p}: no such {what}; point data.path at the data (see docs/method.md, "
+                                "Data) or use a hub dataset name")
 
 
 def load_text_folder(path: Path, val_fraction: float, test_fraction: float, seed: int):
