@@ -7,19 +7,22 @@ from d2dmoe.pipeline import ONLY_WITH, artifact_entry, artifacts, check_artifact
 from d2dmoe.validate import ConfigError, config_keys
 from tests.conftest import compose_config, params_needing_smollm2
 
-# today's names, pinned: a change here renames (and so retrains) every user's artifacts
+# today's names, pinned (computed with the code before ARTIFACT_KEYS, 3cf5d34): a change here renames,
+# and so retrains, every user's artifacts. Names hash the resolved config, whose model and data paths
+# are where this machine installed the packages; the pins fix those paths, so they hold anywhere.
+PINNED_PATHS = ("model.path=/pinned/model", "data.path=/pinned/data")
 PINNED = {
-    (): ["dense-2b9b02b22b01", "sparsify-cb06a6235df8", "split-bd20d9d658aa", "routers-1c595c86d690"],
-    ("experiment=smoke",): ["dense-f7424504951f", "sparsify-d899c3b2315b", "split-f67f655699b9",
-                            "routers-0845424784f7"],
-    ("method=moefication",): ["dense-2b9b02b22b01", "sparsify-4eba962c1282", "split-592cf19a9885",
-                              "routers-53388780644b"],
-    ("attention.convert=true",): ["dense-2b9b02b22b01", "attention-499cde8acbcd", "sparsify-b52c7cb53980",
-                                  "split-d460ab3db9db", "routers-d28564bc944a"],
-    ("experiment=gpt2_bbc",): ["dense-1b67b09105ec", "sparsify-0d49a15b8acc", "split-bef950287cfa",
-                               "routers-48821859120b"],
-    ("experiment=vit_fashion",): ["dense-0c49695701b9", "sparsify-1978375a8a21", "split-4df58e5e19be",
-                                  "routers-aff5429ce021"],
+    (): ["dense-8bf154a68d9a", "sparsify-392c8f7e23e4", "split-a4af23897564", "routers-37a5301b6324"],
+    ("experiment=smoke",): ["dense-d46ef73945af", "sparsify-3088a175fa3f", "split-e76cc9a7ed01",
+                            "routers-2f61961b0935"],
+    ("method=moefication",): ["dense-8bf154a68d9a", "sparsify-479d871fe91a", "split-1936cc99ec58",
+                              "routers-e2305d37ca41"],
+    ("attention.convert=true",): ["dense-8bf154a68d9a", "attention-1ebe20657d21", "sparsify-97fe2aaafd7a",
+                                  "split-10d8cead8549", "routers-9e86264dc500"],
+    ("experiment=gpt2_bbc",): ["dense-c4ff40e5c42e", "sparsify-fc4b78a78eb3", "split-0f2dae9d8d14",
+                               "routers-2d90f5bb36ed"],
+    ("experiment=vit_fashion",): ["dense-108ff136a76c", "sparsify-e9b3fc9eec2b", "split-fae89d6b0af7",
+                                  "routers-0fd7a2d21c87"],
 }
 
 
@@ -29,7 +32,7 @@ def names(cfg) -> dict[str, str]:
 
 @pytest.mark.parametrize("overrides", PINNED)
 def test_artifact_names_are_pinned(overrides):
-    assert list(names(compose_config(list(overrides))).values()) == PINNED[overrides]
+    assert list(names(compose_config([*overrides, *PINNED_PATHS])).values()) == PINNED[overrides]
 
 
 def test_every_config_key_has_an_artifact_decision(every_config):

@@ -45,11 +45,11 @@ def convert_job(cfg: DictConfig) -> dict:
     from .calibrate import layer_calibration, measure
     from .export import choose_tau, model_spec, save
     from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
-    from .job import quiet_lightning
+    from .job import quiet_libraries
     from .validate import check_config
 
     check_config(cfg)  # the convert.* keys among them
-    quiet_lightning()
+    quiet_libraries()
     budget = cfg.convert.budget
     ctx, dense, moe = pipeline.convert(cfg)
     metric = ctx.adapter.task.metric

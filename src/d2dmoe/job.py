@@ -70,7 +70,7 @@ def convert_and_report(cfg: DictConfig, out_dir: Path) -> list[dict]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     check_config(cfg)
-    quiet_lightning()
+    quiet_libraries()
     run = start_wandb(cfg, out_dir) if cfg.logger.enabled else None
     try:
         results = pipeline.run(cfg, run)
@@ -87,7 +87,7 @@ def convert_and_report(cfg: DictConfig, out_dir: Path) -> list[dict]:
             run.finish()
 
 
-def quiet_lightning() -> None:
+def quiet_libraries() -> None:
     """Lightning's banners ("GPU available", a litlogger tip, ...) come once per Trainer: one per
     training phase and one per evaluated tau. The run logs its own line per phase and per point."""
     from datasets.utils.logging import disable_progress_bar

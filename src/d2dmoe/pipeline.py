@@ -120,68 +120,6 @@ def build_context(cfg: DictConfig, wandb_run=None) -> Context:
     return Context(cfg, adapter, data, dims, wandb_run)
 
 
-TRAINED = ("dense", "attention", "sparsify", "routers")  # the phases a Trainer runs
-
-# Which phases' artifact names each config key enters (the phases after them change through their
-# upstream's key), or why it enters none. An entry covers a key or a whole group; the nearest wins.
-# tests/test_artifact_keys.py walks every key of every config against this table, changing each
-# value and checking which names change, so a key added later without a decision fails there.
-ARTIFACT_KEYS: dict[str, tuple[str, ...] | str] = {
-    "seed": ("dense",),
-    "model": ("dense",),
-    "data": ("dense",),
-    "data.cache_dir": "where the tokenised data is cached, not what it is",
-    "data.eval_batch_size": "evaluation only",
-    "dense": ("dense",),
-    "attention": ("attention",),  # the distillation's settings
-    "attention.convert": ("attention", "split"),  # adds the phase, and the projections' experts
-    "attention.num_experts": ("split",),
-    "attention.router_hidden": ("split",),
-    "sparsity": ("sparsify",),
-    "experts": ("split",),
-    "experts.impl": "how evaluation executes the experts; the same outputs",
-    "routing.router": ("routers",),
-    "routing.router.hidden": ("split", "routers"),  # split makes the untrained routers
-    "routing.rule": "evaluation only",
-    "routing.taus": "evaluation only",
-    "routing.ks": "evaluation only",
-    "convert": "`d2dmoe convert`'s tau choice and folder, after the trained phases",
-    "method.name": "a label; a method's settings enter through their own keys",
-    "logger": "logging only",
-    "artifacts_dir": "where artifacts are kept, not what they are",
-    "checkpoint_every": "a resumed phase ends with the weights of an uninterrupted one",
-    "offline": "whether hubs may be asked; model.* and data.* say what is loaded",
-    # the Trainer: what changes the training enters every trained phase (trainer_spec); each key is
-    # listed, so a Lightning argument added with +trainer.<name> stops until it is decided here
-    "trainer._target_": "the Trainer class",
-    **{f"trainer.{k}": "console, logging or checkpoint files only" for k in (
-        "enable_checkpointing", "enable_model_summary", "enable_progress_bar", "num_sanity_val_steps",
-        "log_every_n_steps")},
-    "trainer.precision": TRAINED,
-    "trainer.devices": TRAINED,  # the global batch: data.batch_size x processes
-    "trainer.num_nodes": TRAINED,
-    "trainer.accumulate_grad_batches": TRAINED,
-    "trainer.gradient_clip_val": TRAINED,
-    "trainer.gradient_clip_algorithm": TRAINED,
-    "trainer.strategy": "enters through the global batch (trainer.devices): DDP and FSDP average the same "
-                        "gradients (test_ddp_and_fsdp_train_sparsify_and_routers_on_two_cpu_processes)",
-    "trainer.accelerator": "the same training on another device",
-    "trainer.deterministic": "the same training, with deterministic kernels only",
-    "trainer.use_distributed_sampler": "the batch samplers shard batches across processes themselves",
-    "trainer.limit_val_batches": "validation only",
-}
-# keys that act only beside another: they enter nothing while that one is false or null
-ONLY_WITH = {**{k: "attention.convert" for k in ("attention.num_experts", "attention.router_hidden",
-                                                 "sparsity.attention_scale", "sparsity.attention_lr")},
-             "trainer.gradient_clip_algorithm": "trainer.gradient_clip_val"}
-
-# Trainer settings that change what is trained, and their defaults: at the default a setting is left
-# out of the spec, so artifacts trained before it was hashed keep their names
-TRAINER_DEFAULTS = {"world_size": 1, "precision": "32-true", "accumulate_grad_batches": 1,
-                    "gradient_clip_val": None, "gradient_clip_algorithm": "norm"}
-PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
-
-
 def check_artifact_keys(cfg: DictConfig) -> None:
     """Every key must have an ARTIFACT_KEYS decision: one without would silently reuse artifacts
     trained without it (or retrain needlessly)."""
@@ -354,6 +292,68 @@ PHASES = (
 def chain(cfg: DictConfig) -> list[Phase]:
     """The phases this config runs, in order."""
     return [phase for phase in PHASES if phase.needed(cfg)]
+
+
+TRAINED = tuple(phase.name for phase in PHASES if phase.trained)
+
+# Which phases' artifact names each config key enters (the phases after them change through their
+# upstream's key), or why it enters none. An entry covers a key or a whole group; the nearest wins.
+# tests/test_artifact_keys.py walks every key of every config against this table, changing each
+# value and checking which names change, so a key added later without a decision fails there.
+ARTIFACT_KEYS: dict[str, tuple[str, ...] | str] = {
+    "seed": ("dense",),
+    "model": ("dense",),
+    "data": ("dense",),
+    "data.cache_dir": "where the tokenised data is cached, not what it is",
+    "data.eval_batch_size": "evaluation only",
+    "dense": ("dense",),
+    "attention": ("attention",),  # the distillation's settings
+    "attention.convert": ("attention", "split"),  # adds the phase, and the projections' experts
+    "attention.num_experts": ("split",),
+    "attention.router_hidden": ("split",),
+    "sparsity": ("sparsify",),
+    "experts": ("split",),
+    "experts.impl": "how evaluation executes the experts; the same outputs",
+    "routing.router": ("routers",),
+    "routing.router.hidden": ("split", "routers"),  # split makes the untrained routers
+    "routing.rule": "evaluation only",
+    "routing.taus": "evaluation only",
+    "routing.ks": "evaluation only",
+    "convert": "`d2dmoe convert`'s tau choice and folder, after the trained phases",
+    "method.name": "a label; a method's settings enter through their own keys",
+    "logger": "logging only",
+    "artifacts_dir": "where artifacts are kept, not what they are",
+    "checkpoint_every": "a resumed phase ends with the weights of an uninterrupted one",
+    "offline": "whether hubs may be asked; model.* and data.* say what is loaded",
+    # the Trainer: what changes the training enters every trained phase (trainer_spec); each key is
+    # listed, so a Lightning argument added with +trainer.<name> stops until it is decided here
+    "trainer._target_": "the Trainer class",
+    **{f"trainer.{k}": "console, logging or checkpoint files only" for k in (
+        "enable_checkpointing", "enable_model_summary", "enable_progress_bar", "num_sanity_val_steps",
+        "log_every_n_steps")},
+    "trainer.precision": TRAINED,
+    "trainer.devices": TRAINED,  # the global batch: data.batch_size x processes
+    "trainer.num_nodes": TRAINED,
+    "trainer.accumulate_grad_batches": TRAINED,
+    "trainer.gradient_clip_val": TRAINED,
+    "trainer.gradient_clip_algorithm": TRAINED,
+    "trainer.strategy": "enters through the global batch (trainer.devices): DDP and FSDP average the same "
+                        "gradients (test_ddp_and_fsdp_train_sparsify_and_routers_on_two_cpu_processes)",
+    "trainer.accelerator": "the same training on another device",
+    "trainer.deterministic": "the same training, with deterministic kernels only",
+    "trainer.use_distributed_sampler": "the batch samplers shard batches across processes themselves",
+    "trainer.limit_val_batches": "validation only",
+}
+# keys that act only beside another: they enter nothing while that one is false or null
+ONLY_WITH = {**{k: "attention.convert" for k in ("attention.num_experts", "attention.router_hidden",
+                                                 "sparsity.attention_scale", "sparsity.attention_lr")},
+             "trainer.gradient_clip_algorithm": "trainer.gradient_clip_val"}
+
+# Trainer settings that change what is trained, and their defaults: at the default a setting is left
+# out of the spec, so artifacts trained before it was hashed keep their names
+TRAINER_DEFAULTS = {"world_size": 1, "precision": "32-true", "accumulate_grad_batches": 1,
+                    "gradient_clip_val": None, "gradient_clip_algorithm": "norm"}
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
 
 
 def gates(cfg: DictConfig) -> list[tuple[dict, object]]:
