@@ -14,6 +14,7 @@ from torch import nn
 from d2dmoe import pipeline
 from d2dmoe.attention import finish_distillation, install_projection_mlps
 from d2dmoe.moe import AllExperts, set_gate
+from d2dmoe.phases.finetune import TaskTraining
 from d2dmoe.phases.routers import capture_moe_io
 from d2dmoe.sparsity import capture_activations
 from tests.conftest import compose_config
@@ -146,3 +147,25 @@ def test_routers_learn_the_expert_norms_and_train_nothing_else(artifacts_dir):
     assert rho1 > 0.5 and rho1 > rho0 + 0.3, (rho0, rho1)
     routers = {name for name in before if ".router." in name}
     assert routers and changed_parameters(before, trained) == routers
+
+
+class CountingTraining(TaskTraining):
+    """A user's own module for a phase: the built-in one's constructor, counted."""
+
+    made = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        CountingTraining.made += 1
+
+
+def test_a_phase_trains_with_the_module_its_config_names(artifacts_dir):
+    """conf/module builds each phase's LightningModule (_target_, _partial_), its settings from the
+    phase's own group."""
+    ctx = context(artifacts_dir, "module.sparsify._target_=tests.test_learning.CountingTraining",
+                  "sparsity.alpha=0.01")
+    module = pipeline.phase_module(ctx, "sparsify", fresh_model(ctx))
+    assert type(module) is CountingTraining
+    assert (module.alpha, module.lr, module.penalty_kind) == (0.01, ctx.cfg.sparsity.lr, "hoyer")
+    pipeline.sparsify(ctx, fresh_model(ctx))
+    assert CountingTraining.made == 2

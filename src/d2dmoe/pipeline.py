@@ -171,9 +171,21 @@ def artifacts(cfg: DictConfig) -> dict[str, Artifact]:
     trainer = {"trainer": t} if (t := trainer_spec(cfg)) else {}  # only for trained phases
     out, upstream = {}, None
     for phase in chain(cfg):
-        spec = {**phase.spec(cfg), **(trainer if phase.trained else {})}
+        spec = {**phase.spec(cfg), **(module_spec(cfg, phase) | trainer if phase.trained else {})}
         upstream = out[phase.name] = Artifact(cfg.artifacts_dir, phase.name, spec, upstream)
     return out
+
+
+def module_spec(cfg: DictConfig, phase: "Phase") -> dict:
+    """What conf/module sets for the phase beyond its group's keys: a class other than the built-in
+    one, and any value other than the group's (the defaults interpolate them). Empty at the defaults,
+    so artifact names stay."""
+    node, group = plain(cfg.module[phase.name]), plain(OmegaConf.select(cfg, phase.settings))
+    own = {k: v for k, v in node.items() if k not in ("_target_", "_partial_") and v != group.get(k)}
+    built_in = f"{phase.module.__module__}.{phase.module.__qualname__}"
+    if node["_target_"] != built_in:
+        own["_target_"] = node["_target_"]
+    return {"module": own} if own else {}
 
 
 def dense_spec(cfg: DictConfig) -> dict:
@@ -222,9 +234,9 @@ def metrics(trainer: L.Trainer) -> dict:
     return {**{k: float(v) for k, v in trainer.callback_metrics.items()}, "world_size": trainer.world_size}
 
 
-def settings(group: DictConfig, *keys: str) -> dict:
-    """A phase module's keyword arguments, by name from the phase's config group."""
-    return {k: group[k] for k in keys}
+def phase_module(ctx: Context, phase: str, model: nn.Module) -> L.LightningModule:
+    """The phase's LightningModule, as conf/module builds it (its settings from the phase's group)."""
+    return instantiate(ctx.cfg.module[phase])(model, ctx.adapter)
 
 
 def train_dense(ctx: Context, _: None = None):
@@ -232,8 +244,7 @@ def train_dense(ctx: Context, _: None = None):
     s = ctx.cfg.dense
     if s.epochs == 0 or s.get("max_steps", -1) == 0:  # a pretrained model that is the reference as it is
         return model, {}
-    module = TaskTraining(model, ctx.adapter, **settings(s, "lr", "weight_decay", "warmup_fraction"))
-    trainer = ctx.fit(module, s, "dense")
+    trainer = ctx.fit(phase_module(ctx, "dense", model), s, "dense")
     return model, metrics(trainer)
 
 
@@ -241,8 +252,7 @@ def distill_attention(ctx: Context, dense: nn.Module):
     a = ctx.cfg.attention
     model = install_projection_mlps(ctx.adapter, copy.deepcopy(dense), distill=True, init=a.init,
                                    width=a.width)  # dense stays
-    module = AttentionDistillation(model, ctx.adapter, **settings(a, "lr", "weight_decay", "warmup_fraction"))
-    trainer = ctx.fit(module, a, "attention")
+    trainer = ctx.fit(phase_module(ctx, "attention", model), a, "attention")
     return finish_distillation(ctx.adapter, model), metrics(trainer)
 
 
@@ -250,9 +260,7 @@ def sparsify(ctx: Context, base: nn.Module):
     """base: the dense model, or its attention-converted form."""
     model = ctx.adapter.install_ffns(copy.deepcopy(base), sparse_activation(ctx.cfg))  # base stays as it is
     s = ctx.cfg.sparsity
-    module = TaskTraining(model, ctx.adapter, **settings(s, "lr", "weight_decay", "warmup_fraction", "penalty", "alpha",
-                                                         "schedule", "attention_scale", "attention_lr"))
-    trainer = ctx.fit(module, s, "sparsify")
+    trainer = ctx.fit(phase_module(ctx, "sparsify", model), s, "sparsify")
     return model, metrics(trainer)
 
 
@@ -265,7 +273,7 @@ def split(ctx: Context, sparse: nn.Module):
 
 def train_routers(ctx: Context, moe: nn.Module):
     r = ctx.cfg.routing.router
-    trainer = ctx.fit(RouterTraining(moe, ctx.adapter, **settings(r, "lr", "weight_decay")), r, "routers")
+    trainer = ctx.fit(phase_module(ctx, "routers", moe), r, "routers")
     return moe, metrics(trainer)
 
 
@@ -275,17 +283,23 @@ class Phase:
     stage: str  # the architecture its weights load into (architecture.STAGES)
     make: Callable[[Context, nn.Module | None], tuple[nn.Module, dict]]  # from the previous phase's model
     spec: Callable[[DictConfig], dict]  # the settings it depends on (its artifact's hash)
-    trained: bool = True  # a Trainer runs it, so the Trainer settings that change training join its spec
+    settings: str | None = None  # trained phases: the config group of its settings
+    module: type | None = None  # trained phases: its built-in LightningModule (conf/module may name another)
     needed: Callable[[DictConfig], bool] = lambda cfg: True
+
+    @property
+    def trained(self) -> bool:  # a Trainer runs it, so the Trainer settings that change training join its spec
+        return self.module is not None
 
 
 # The phases in order: the only place that knows it. Each starts from the previous needed one.
 PHASES = (
-    Phase("dense", "dense", train_dense, dense_spec),
-    Phase("attention", "attention", distill_attention, attention_spec, needed=lambda cfg: bool(cfg.attention.convert)),
-    Phase("sparsify", "sparse", sparsify, sparsify_spec),
-    Phase("split", "moe", split, split_spec, trained=False),
-    Phase("routers", "moe", train_routers, routers_spec),
+    Phase("dense", "dense", train_dense, dense_spec, "dense", TaskTraining),
+    Phase("attention", "attention", distill_attention, attention_spec, "attention", AttentionDistillation,
+          needed=lambda cfg: bool(cfg.attention.convert)),
+    Phase("sparsify", "sparse", sparsify, sparsify_spec, "sparsity", TaskTraining),
+    Phase("split", "moe", split, split_spec),
+    Phase("routers", "moe", train_routers, routers_spec, "routing.router", RouterTraining),
 )
 
 
@@ -325,6 +339,9 @@ ARTIFACT_KEYS: dict[str, tuple[str, ...] | str] = {
     "artifacts_dir": "where artifacts are kept, not what they are",
     "checkpoint_every": "a resumed phase ends with the weights of an uninterrupted one",
     "offline": "whether hubs may be asked; model.* and data.* say what is loaded",
+    **{f"module.{phase.name}": (phase.name,) for phase in PHASES if phase.trained},  # module_spec
+    **{f"module.{phase.name}._partial_": "how Hydra builds the module (it must be true)" for phase in PHASES
+       if phase.trained},
     # the Trainer: what changes the training enters every trained phase (trainer_spec); each key is
     # listed, so a Lightning argument added with +trainer.<name> stops until it is decided here
     "trainer._target_": "the Trainer class",

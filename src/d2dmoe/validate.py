@@ -66,6 +66,7 @@ FRACTION = Rule(lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
 SPLIT_FRACTION = Rule(lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)")
 STEPS = Rule(lambda v: is_int(v) and v >= -1, "-1 (no limit) or an integer >= 0")
 BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
+TRUE = Rule(lambda v: v is True, "true (the pipeline gives the module its model and adapter)")
 INT = Rule(is_int, "an integer")
 TEXT = Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")
 TAUS = list_of(FRACTION)
@@ -146,6 +147,9 @@ CHECKS: dict[str, Rule | str] = {
     "convert.layer_taus": TAUS,
     "convert.profile_batches": optional(at_least(1)),
     "convert.out": TEXT,
+    # the phases' LightningModules: their settings are the phase groups' keys, checked there
+    "module": "the phase modules' settings, interpolated from the phase groups, whose keys are checked",
+    **{f"module.{phase}._partial_": TRUE for phase in ("dense", "attention", "sparsify", "routers")},
     # logging and the Trainer
     "logger.enabled": BOOL,
     "logger.mode": one_of(WANDB_MODES),
