@@ -3,8 +3,8 @@ other; today's names stay what they were."""
 import pytest
 from omegaconf import OmegaConf
 
-from d2dmoe.pipeline import ONLY_WITH, artifact_entry, artifacts, check_artifact_keys
-from d2dmoe.validate import ConfigError, config_keys
+from d2dmoe.pipeline import ARTIFACT_KEYS, ONLY_WITH, artifacts, check_artifact_keys
+from d2dmoe.validate import ConfigError, config_keys, nearest_entry
 from tests.conftest import compose_config, params_needing_smollm2
 
 # today's names, pinned (computed with the code before ARTIFACT_KEYS, 3cf5d34): a change here renames,
@@ -36,7 +36,7 @@ def test_artifact_names_are_pinned(overrides):
 
 
 def test_every_config_key_has_an_artifact_decision(every_config):
-    undecided = {k for _, cfg in every_config for k in config_keys(cfg) if artifact_entry(k) is None}
+    undecided = {k for _, cfg in every_config for k in config_keys(cfg) if nearest_entry(ARTIFACT_KEYS, k) is None}
     assert not undecided, f"keys without an entry in pipeline.ARTIFACT_KEYS: {sorted(undecided)}"
 
 
@@ -61,7 +61,7 @@ def changed(value):
 
 def expected_changes(cfg, key: str, before: dict, after: dict) -> set[str]:
     """The phases the table says `key` renames: those it enters, and every phase after one of them."""
-    enters = artifact_entry(key)
+    enters = nearest_entry(ARTIFACT_KEYS, key)
     if isinstance(enters, str) or (key in ONLY_WITH and OmegaConf.select(cfg, ONLY_WITH[key]) in (False, None)):
         enters = ()
     chain = list(after) if len(after) > len(before) else list(before)  # the longer chain: every phase

@@ -26,7 +26,7 @@ from .phases.routers import RouterTraining
 from .phases.split import split_model
 from .resume import last_checkpoint, resume_callbacks
 from .stats import ActivationStats, ExpertUse
-from .validate import ConfigError, check_config, check_model, config_keys, num_experts
+from .validate import ConfigError, check_config, check_model, config_keys, nearest_entry, num_experts
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +124,9 @@ def check_artifact_keys(cfg: DictConfig) -> None:
     """Every key must have an ARTIFACT_KEYS decision: one without would silently reuse artifacts
     trained without it (or retrain needlessly)."""
     for key in config_keys(cfg):
-        if artifact_entry(key) is None:
+        if nearest_entry(ARTIFACT_KEYS, key) is None:
             raise ConfigError(key, "not known to the artifact names: add it to pipeline.ARTIFACT_KEYS with the "
                                    "phases it changes, or why it changes none")
-
-
-def artifact_entry(key: str) -> tuple[str, ...] | str | None:
-    """The ARTIFACT_KEYS entry that covers `key`: its own, or its nearest group's."""
-    parts = key.split(".")
-    for n in range(len(parts), 0, -1):
-        if (prefix := ".".join(parts[:n])) in ARTIFACT_KEYS:
-            return ARTIFACT_KEYS[prefix]
-    return None
 
 
 def world_size(trainer: DictConfig) -> int:
