@@ -111,16 +111,38 @@ def model_rows(overrides: list[str], repeats: int) -> list[dict]:
         ms = median_ms(one_pass, repeats)
         return ms, sum(t for t, _ in scores) / sum(c for _, c in scores)
 
+    def validation(model) -> dict:
+        """The validation numbers a reader chooses a tau with (the table's others are test numbers)."""
+        ev = ctx.test(Evaluation(model, adapter, ctx.dims, split="validation"), split="validation")
+        return {"val_rel_cost": round(ev.rel_cost, 4), "val_value": ev.value}
+
     dense_ms, dense_value = evaluate(dense)
-    rows = [{"tau": None, "rel_cost": 1.0, "time_ratio": 1.0, task.metric: dense_value, "ms": round(dense_ms, 1)}]
+    rows = [{"tau": None, "rel_cost": 1.0, "time_ratio": 1.0, task.metric: dense_value, "ms": round(dense_ms, 1),
+             **validation(dense)}]
     set_impl(moe, cfg.experts.impl)
     for tau in cfg.routing.taus:
         set_gate(moe, DynamicKGate(float(tau)))
         ev = ctx.test(Evaluation(moe, adapter, ctx.dims))  # the counted cost of the same points
         ms, value = evaluate(moe)
         rows.append({"tau": float(tau), "rel_cost": round(ev.rel_cost, 4),
-                     "time_ratio": round(ms / dense_ms, 4), task.metric: value, "ms": round(ms, 1)})
+                     "time_ratio": round(ms / dense_ms, 4), task.metric: value, "ms": round(ms, 1),
+                     **validation(moe)})
     return rows
+
+
+def commit() -> str | None:
+    """The checkout's commit (with "+changes" when the tree differs from it), or None outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def show(rows: list[dict]) -> str:
@@ -177,9 +199,11 @@ def main() -> None:
             result["tiles"] = {f"d={v[0]}, expert_size={v[1]}": str(config) for v, config in CHOSEN.items()}
             print("\n".join(f"{shape}: {config}" for shape, config in result["tiles"].items()), "\n")
     if args.layer_only or gpu:  # keep the earlier whole-model rows
-        result.update({k: earlier[k] for k in ("model_overrides", "model_repeats", "model") if k in earlier})
+        result.update({k: earlier[k] for k in ("model_overrides", "model_repeats", "model", "model_commit")
+                       if k in earlier})
     else:
         result["model_overrides"], result["model_repeats"] = args.overrides, args.repeats
+        result["model_commit"] = commit()  # the model is whatever the defaults of that code trained
         result["model"] = model_rows(args.overrides, args.repeats)
         print(f"Whole converted model on the test split:\n{show(result['model'])}\n")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,14 +6,22 @@
     python experiments/fig_ablations.py activation   # ReLU swap vs the model's own GELU
     python experiments/fig_ablations.py attention    # FFNs only vs FFNs and attention projections
 
-Each reads results/fig_ablation_<name> (make it with `python run.py -m experiment=fig_ablation_<name>`)
-and writes figures/fig_ablation_<name>.png and .pdf.
+Each reads results/fig_ablation_<name> (make it with `python run.py -m experiment=fig_ablation_<name>`;
+add seed=0,1,2 for intervals) and writes figures/fig_ablation_<name>.png, .pdf and .json. Per arm and
+seed, a router setting the sweep searched is chosen on validation (figures.choose_by_seed), and so is
+each arm's cheapest point within 1 point of dense (results.cheapest_within). Each arm is compared
+with the previous one on test, paired by seed and test example: the margin at rel_cost 0.5 and 0.75
+and at its worst cost of their shared range, with 95% bootstrap intervals (evidence.paired_margins).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+import numpy as np
+
+from d2dmoe.evidence import paired_margins, summarise, t_interval
 from d2dmoe.figures import (
     COST_LABEL,
     TAU_NOTE,
@@ -23,11 +31,12 @@ from d2dmoe.figures import (
     metric_label,
     pyplot,
     save,
-    select,
+    select_seeds,
 )
 from d2dmoe.results import TOLERANCE, cheapest_within
 from d2dmoe.results import label as label_of
 
+CHECK_AT = (0.5, 0.75)
 DEFAULT_ALPHA = default_alpha()  # the phases' D2DMoE: the built-in default's alpha
 ABLATIONS = {
     "phases": ("phase by phase", {
@@ -54,27 +63,51 @@ def main(argv=None) -> int:
     parser.add_argument("ablation", choices=sorted(ABLATIONS))
     parser.add_argument("--results", nargs="+", default=None, help="default: results/fig_ablation_<ablation>")
     parser.add_argument("--out", default="figures")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of each interval")
     args = parser.parse_args(argv)
 
     name = f"fig_ablation_{args.ablation}"
     title, wanted = ABLATIONS[args.ablation]
     try:
-        runs = select(load_runs(*(args.results or [f"results/{name}"])), wanted, name,
-                      f"python run.py -m experiment={name}")
+        arms = select_seeds(load_runs(*(args.results or [f"results/{name}"])), wanted, name,
+                            f"python run.py -m experiment={name}")
     except MissingRuns as err:
         sys.exit(str(err))
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for label, run in runs.items():
-        curve = run.curve(wanted[label]["rule"])
-        best = cheapest_within([run.dense, *curve])
-        print(f"{label}: lowest rel_cost within {TOLERANCE[run.dense['metric']]:g} of dense: "
-              + (f"{best['rel_cost']:.3f} ({label_of(best)}, {best['value']:.4f})" if best else "none"))
+    summary, previous = {}, None
+    for label, by_seed in arms.items():
+        rule = wanted[label]["rule"]
+        chosen = [cheapest_within([run.dense, *run.curve(rule)]) for run in by_seed.values()]
+        costs = t_interval([p["rel_cost"] for p in chosen if p])
+        first = next(iter(by_seed.values()))
+        print(f"{label}: lowest rel_cost within {TOLERANCE[first.dense['metric']]:g} of dense (chosen on validation; "
+              f"test, {len(by_seed)} seed(s)): "
+              + (f"{costs['mean']:.3f} ({', '.join(label_of(p) for p in chosen if p)}, "
+                 f"{np.mean([p['value'] for p in chosen if p]):.4f})" if costs["n"] else "none"))
+        arm = {"seeds": sorted(by_seed), "cheapest_within_rel_cost": costs}
+        if previous is not None:
+            prev_label, prev_runs, prev_rule = previous
+            seeds = sorted(set(by_seed) & set(prev_runs))
+            pairs = [(by_seed[s].test_curve(rule), prev_runs[s].test_curve(prev_rule)) for s in seeds]
+            grid = np.union1d(np.linspace(0.0, 1.2, 241), CHECK_AT)
+            arm["minus_previous"] = {"previous": prev_label, "seeds": seeds,
+                                     **summarise(paired_margins(pairs, grid, args.resamples), CHECK_AT)}
+            at = arm["minus_previous"]["at"]
+            print("  minus " + prev_label + ": " + "; ".join(
+                f"at {c}: " + (f"{r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" if r and r["lo"] is not None
+                               else "n/a") for c, r in at.items()))
+        summary[label] = arm
+        previous = (label, by_seed, rule)
         if args.ablation == "expert_size":
-            label += f" of {run.setting['expert_size']}"
-        ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], "o-", ms=3, label=label)
-    first = next(iter(runs.values()))
+            label += f" of {first.setting['expert_size']}"
+        for i, run in enumerate(by_seed.values()):
+            curve = run.curve(rule)
+            line, = ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], "o-", ms=3,
+                            label=label if i == 0 else None, **({"color": color} if i else {}))
+            color = line.get_color()
+    first = next(iter(next(iter(arms.values())).values()))
     ax.plot([1.0], [first.dense["value"]], "k*", ms=12, label="dense")
     ax.set_xlabel(COST_LABEL)
     ax.set_ylabel(metric_label(first.dense["metric"]))
@@ -82,7 +115,9 @@ def main(argv=None) -> int:
     ax.set_title(f"Ablation: {title}\n{s['model']} on {s['data']}  ({TAU_NOTE})", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    print("wrote", *save(fig, args.out, name))
+    paths = save(fig, args.out, name)
+    paths[0].with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    print("wrote", *paths, paths[0].with_suffix(".json"))
     return 0
 
 

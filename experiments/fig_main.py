@@ -1,17 +1,26 @@
 """Figure main: test metric against relative cost, D2DMoE (dynamic-k) against MoEfication (top-k),
-one panel per model and dataset. Also reports D2DMoE's margin over MoEfication along their shared
-cost range (Pareto frontiers, linearly interpolated) and at rel_cost 0.5 and 0.75.
+one panel per model and dataset, over every seed found, with the evidence for the comparison.
 
     python run.py -m experiment=fig_main && python experiments/fig_main.py
     python run.py -m experiment=fig_main_vit     # adds the ViT panel (fig_main_gpt2: GPT-2; fig_main_carer: CARER)
     python experiments/fig_main.py --results results/fig_main results/other_family --out figures
 
-The fig_main sweeps run D2DMoE at two alphas: the experiment's and 0 (`ablation=no_sparsity`). With
-D2DMoE runs at several alphas for a panel (more with e.g. --results results/fig_main
-results/fig_motivation, the motivation sweep's alphas), each alpha gets its own curve, their envelope
-(D2DMoE with the best alpha at each cost) is drawn as a line, and the summary adds each alpha's margin
-(`by_alpha`) and the envelope's (`alpha_envelope`). The first D2DMoE run found (job 0 of a fig_main
-sweep: the experiment's alpha) stays the headline comparison (`min_margin`, `margin_at`).
+What the summary (printed, and <name>.json) holds per panel, and where each number comes from:
+
+- `chosen`: per method and seed, the router setting (lr, epochs) the sweep searched, chosen on
+  validation (figures.choose_by_seed): each method gets the same search.
+- `dense`: the dense reference's test metric, mean and 95% t-interval over seeds.
+- `cheapest_within`: per seed, D2DMoE's point of lowest validation rel_cost whose validation metric is
+  within 1 point of the dense model's (results.cheapest_within), and its test rel_cost, test metric
+  and test distance to dense; their mean and 95% t-interval over seeds.
+- `d2dmoe_minus_moefication`: the test margin (positive = D2DMoE better) of the two Pareto frontiers,
+  linearly interpolated, averaged over seeds, at rel_cost 0.5 and 0.75, at its worst cost of the
+  shared range, and where MoEfication leads with an interval excluding 0; each with a 95% paired
+  bootstrap interval over test examples and seeds (evidence.paired_margins).
+- `by_alpha`: with D2DMoE runs at several alphas for a panel, the same margin for each alpha.
+
+The curves drawn are the mean over seeds of each seed's test frontier, with a 95% bootstrap band over
+seeds and test examples (evidence.curve_band); the dense star's bar is the same.
 """
 from __future__ import annotations
 
@@ -21,36 +30,45 @@ import sys
 
 import numpy as np
 
-from d2dmoe.tasks import sign
-from d2dmoe.figures import (COST_LABEL, TAU_NOTE, MissingRuns, frontier, load_runs, matches, metric_label, pyplot, save,
-                            select, value_at)
+from d2dmoe.evidence import curve_band, describe, paired_margins, summarise, t_interval
+from d2dmoe.figures import COST_LABEL, TAU_NOTE, MissingRuns, load_runs, metric_label, pyplot, save, select_seeds
+from d2dmoe.results import TOLERANCE, cheapest_within
 
 COMMAND = "python run.py -m experiment=fig_main"
 SWEEPS = ("results/fig_main", "results/fig_main_carer", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel each
 CHECK_AT = (0.5, 0.75)
+GRID = np.union1d(np.linspace(0.0, 1.2, 241), CHECK_AT)  # costs the margins are computed at
 
 
-def compare(d2dmoe: list[dict], moefication: list[dict], metric: str, grid: int = 200) -> dict:
-    """D2DMoE minus MoEfication (for loss: MoEfication minus D2DMoE, so positive = D2DMoE better)
-    on `grid` costs across the shared range, and at CHECK_AT."""
-    lo = max(min(p["rel_cost"] for p in d2dmoe), min(p["rel_cost"] for p in moefication))
-    hi = min(max(p["rel_cost"] for p in d2dmoe), max(p["rel_cost"] for p in moefication))
-    margin = lambda c: sign(metric) * (value_at(d2dmoe, metric, c) - value_at(moefication, metric, c))  # noqa: E731
-    costs = np.linspace(lo, hi, grid) if hi > lo else np.array([])
-    margins = np.array([margin(c) for c in costs])
-    return {"shared_range": [lo, hi] if hi > lo else None,
-            "min_margin": float(margins.min()) if len(margins) else None,
-            "min_margin_at": float(costs[margins.argmin()]) if len(margins) else None,
-            "margin_at": {str(c): (margin(c) if lo <= c <= hi else None) for c in CHECK_AT}}
+def margins(d2dmoe: dict, moefication: dict, resamples: int) -> dict:
+    """D2DMoE minus MoEfication on the seeds both have (paired by seed), summarised."""
+    pairs = [(d2dmoe[s].test_curve("dynk"), moefication[s].test_curve("topk")) for s in sorted(d2dmoe)]
+    out = summarise(paired_margins(pairs, GRID, resamples), CHECK_AT)
+    out["moefication_leads_excluding_0"] = out.pop("b_leads_excluding_0")
+    return {"seeds": sorted(d2dmoe), **out}
 
 
-def d2dmoe_by_alpha(runs: list, model: str, data: str) -> dict:
-    """alpha -> the first D2DMoE (dynamic-k) run of the panel with that alpha."""
-    found = {}
-    for run in runs:
-        if matches(run.setting, {"model": model, "data": data, "method": "d2dmoe", "rule": "dynk"}):
-            found.setdefault(run.setting["alpha"], run)
-    return found
+def cheapest(runs: dict) -> dict:
+    """Per seed, D2DMoE's cheapest point within the tolerance of dense, chosen on validation; then
+    over seeds."""
+    rows = {}
+    for seed, run in sorted(runs.items()):
+        p = cheapest_within([run.dense, *run.curve("dynk")])
+        rows[seed] = None if p is None else {
+            "tau": p["tau"], "val_rel_cost": p["val_rel_cost"], "val_value": p["val_value"],
+            "rel_cost": p["rel_cost"], "value": p["value"], "minus_dense": p["value"] - run.dense["value"]}
+    found = [r for r in rows.values() if r]
+    return {"tolerance": TOLERANCE[next(iter(runs.values())).dense["metric"]], "per_seed": rows,
+            "seeds_without": [s for s, r in rows.items() if r is None],
+            **{k: t_interval([r[k] for r in found]) for k in ("rel_cost", "value", "minus_dense")}}
+
+
+def mean_curve(runs: dict, rule: str, resamples: int) -> tuple[np.ndarray, dict]:
+    """The mean over seeds of each seed's test frontier, on the costs every seed reaches, with its
+    95% bootstrap band over seeds and test examples."""
+    band = curve_band([run.test_curve(rule) for run in runs.values()], GRID, resamples)
+    reached = np.isfinite(band["mean"])
+    return GRID[reached], {k: band[k][reached] for k in ("mean", "lo", "hi")}
 
 
 def main(argv=None) -> int:
@@ -58,14 +76,16 @@ def main(argv=None) -> int:
     parser.add_argument("--results", nargs="+", default=list(SWEEPS), help="sweep directories (one per family)")
     parser.add_argument("--out", default="figures")
     parser.add_argument("--name", default="fig_main", help="output file name (.png, .pdf, .json)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of each interval")
     args = parser.parse_args(argv)
 
     runs = load_runs(*args.results)
     panels = sorted({(r.setting["model"], r.setting["data"]) for r in runs}) or [("?", "?")]
     try:
-        chosen = {(m, d): select(runs, {"D2DMoE": {"model": m, "data": d, "method": "d2dmoe", "rule": "dynk"},
-                                        "MoEfication": {"model": m, "data": d, "method": "moefication", "rule": "topk"}},
-                                 "fig_main", COMMAND)
+        chosen = {(m, d): select_seeds(runs, {"D2DMoE": {"model": m, "data": d, "method": "d2dmoe", "rule": "dynk"},
+                                              "MoEfication": {"model": m, "data": d, "method": "moefication",
+                                                              "rule": "topk"}},
+                                       "fig_main", COMMAND)
                   for m, d in panels}
     except MissingRuns as err:
         sys.exit(str(err))
@@ -73,43 +93,69 @@ def main(argv=None) -> int:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     summary = {}
-    for ax, (key, pair) in zip(axes[0], chosen.items()):
+    for ax, ((model, data), pair) in zip(axes[0], chosen.items()):
         d2d, moef = pair["D2DMoE"], pair["MoEfication"]
-        metric = d2d.dense["metric"]
-        others = {a: r for a, r in d2dmoe_by_alpha(runs, *key).items() if r is not d2d}
-        every = {d2d.setting["alpha"]: d2d, **others}
-        envelope = [p for r in every.values() for p in r.curve("dynk")]  # every alpha's points: their frontier
-        alpha_note = f", alpha {d2d.setting['alpha']:g}" if others else ""
-        for label, curve, style in ((f"D2DMoE (dynamic-k, tau){alpha_note}", d2d.curve("dynk"), "o-"),
-                                    ("MoEfication (top-k, k)", moef.curve("topk"), "s--")):
-            ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], style, ms=4, label=label)
-        for alpha, run in sorted(others.items()):
-            curve = run.curve("dynk")
-            ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], ".:", lw=1,
-                    label=f"D2DMoE, alpha {alpha:g}")
-        if others:  # the envelope's Pareto frontier, joined linearly as the margins interpolate it
-            costs, values = frontier(envelope, metric)
-            ax.plot(costs, values, "-", color="0.3", lw=2.5, alpha=0.35, zorder=0,
-                    label="D2DMoE, best alpha at each cost")
-        ax.plot([1.0], [d2d.dense["value"]], "k*", ms=12, label="dense")
+        first = next(iter(d2d.values()))
+        metric, alpha = first.dense["metric"], first.setting["alpha"]  # the headline alpha: the first run's
+        alphas = sorted({r.setting["alpha"] for r in runs if r.setting["model"] == model and r.setting["data"] == data
+                         and r.setting["method"] == "d2dmoe"})
+        seeds = sorted(set(d2d) & set(moef))
+        d2d, moef = {s: d2d[s] for s in seeds}, {s: moef[s] for s in seeds}
+        for label, by_seed, rule, style in ((f"D2DMoE (dynamic-k, tau), alpha {alpha:g}", d2d, "dynk", "o-"),
+                                            ("MoEfication (top-k, k)", moef, "topk", "s--")):
+            costs, band = mean_curve(by_seed, rule, max(args.resamples // 4, 100))
+            line, = ax.plot(costs, band["mean"], style[-1], label=f"{label}, mean of {len(seeds)} seeds")
+            ax.fill_between(costs, band["lo"], band["hi"], color=line.get_color(), alpha=0.2, lw=0)
+            for run in by_seed.values():
+                curve = run.curve(rule)
+                ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], style[0], ms=2.5,
+                        color=line.get_color(), alpha=0.5)
+        dense = t_interval([r.dense["value"] for r in d2d.values()])
+        spread = curve_band([r.test_curve("dense") for r in d2d.values()], np.array([1.0]), args.resamples)
+        ax.errorbar([1.0], spread["mean"], yerr=[spread["mean"] - spread["lo"], spread["hi"] - spread["mean"]],
+                    fmt="k*", ms=12, label="dense (converged reference)")
         ax.set_xlabel(COST_LABEL)
         ax.set_ylabel(metric_label(metric))
-        ax.set_title(f"{key[0]} on {key[1]}", fontsize=9)
+        ax.set_title(f"{model} on {data}: seeds {', '.join(map(str, seeds))}; 95% bootstrap bands "
+                     "(seeds and test examples)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        summary[f"{key[0]}/{key[1]}"] = {"metric": metric, "dense": d2d.dense["value"],
-                                        **compare(d2d.curve("dynk"), moef.curve("topk"), metric)}
-        if others:
-            baseline = moef.curve("topk")
-            summary[f"{key[0]}/{key[1]}"] |= {
-                "by_alpha": {f"{a:g}": compare(r.curve("dynk"), baseline, metric) for a, r in sorted(every.items())},
-                "alpha_envelope": compare(envelope, baseline, metric)}
+        s = {"metric": metric, "split": "test", "seeds": seeds, "alpha": alpha, "dense": dense,
+             "chosen": {"d2dmoe": {str(k): r.tuned for k, r in d2d.items()},
+                        "moefication": {str(k): r.tuned for k, r in moef.items()}},
+             "cheapest_within": cheapest(d2d),
+             "d2dmoe_minus_moefication": margins(d2d, moef, args.resamples)}
+        if len(alphas) > 1:
+            s["by_alpha"] = {}
+            for a in alphas:
+                want = {"model": model, "data": data, "method": "d2dmoe", "rule": "dynk", "alpha": a}
+                by_seed = select_seeds(runs, {"D2DMoE": want}, "fig_main", COMMAND)["D2DMoE"]
+                shared = sorted(set(by_seed) & set(moef))
+                s["by_alpha"][f"{a:g}"] = margins({k: by_seed[k] for k in shared}, {k: moef[k] for k in shared},
+                                                  args.resamples)
+        summary[f"{model}/{data}"] = s
+        report(f"{model}/{data}", s)
     fig.suptitle(f"D2DMoE vs MoEfication  ({TAU_NOTE})", fontsize=9)
     paths = save(fig, args.out, args.name)
     (paths[0].with_suffix(".json")).write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    print("wrote", *paths)
+    print("wrote", *paths, paths[0].with_suffix(".json"))
     return 0
+
+
+def report(panel: str, s: dict) -> None:
+    metric = s["metric"]
+    c, m = s["cheapest_within"], s["d2dmoe_minus_moefication"]
+    print(f"\n{panel} (test {metric}, seeds {s['seeds']}, 95% intervals)")
+    print(f"  dense: {describe(s['dense'], 'value', metric)}")
+    print(f"  lowest rel_cost within {c['tolerance']:g} of dense, chosen on validation: "
+          f"{describe(c['rel_cost'], 'cost', metric)}; its test distance to dense: "
+          f"{describe(c['minus_dense'], 'margin', metric)}")
+    for cost, row in m["at"].items():
+        print(f"  D2DMoE - MoEfication at rel_cost {cost}: {describe(row, 'margin', metric)}")
+    if m["worst"]:
+        print(f"  worst in the shared range {m['shared_range']}: {describe(m['worst'], 'margin', metric)} "
+              f"at rel_cost {m['worst']['rel_cost']:.3f}")
+    print(f"  MoEfication ahead with an interval excluding 0: {m['moefication_leads_excluding_0'] or 'nowhere'}")
 
 
 if __name__ == "__main__":

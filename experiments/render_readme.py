@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from d2dmoe.figures import default_alpha
+from d2dmoe.evidence import describe
 from d2dmoe.results import TOLERANCE, cheapest_within
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,8 @@ BENCHMARK_DIR = "benchmark"
 # run.py's points.jsonl, whose points pipeline.evaluate_phase measures on the test split (each point
 # carries "split": "test"); bench_wallclock.py's whole-model rows run over the test dataloader.
 SPLIT_OF = {"benchmark.py": "test", "fig_main.py": "test", "bench_wallclock.py": "test"}
-ROW_KEYS = {"tau", "rel_cost", "time_ratio", "ms"}  # bench_wallclock.py's model rows; the rest is the metric
+# bench_wallclock.py's model rows; the other key is the metric
+ROW_KEYS = {"tau", "rel_cost", "time_ratio", "ms", "val_rel_cost", "val_value"}
 
 
 def split_of(data: dict, script: str) -> str:
@@ -49,13 +50,6 @@ def value(metric: str, v: float) -> str:
     return f"{100 * v:.2f}%" if metric == "accuracy" else f"{v:.3f}"
 
 
-def margin(metric: str, m: float | None) -> str:
-    """fig_main.py's margins: positive = D2DMoE better (accuracy points, or nats of loss)."""
-    if m is None:
-        return "outside the shared range"
-    return f"{100 * m:+.2f} points" if metric == "accuracy" else f"{m:+.4f} nats"
-
-
 def bar(metric: str, tolerance: float) -> str:
     if metric == "loss":
         return f"loss at most {100 * tolerance:g}% above dense"
@@ -64,34 +58,38 @@ def bar(metric: str, tolerance: float) -> str:
 
 def main_figure(root: Path) -> list[str]:
     panels = json.loads((root / MAIN_JSON).read_text())
-    split = split_of(panels, "fig_main.py")
-    default = default_alpha()
     out = [f"D2DMoE against MoEfication on the built-in default: `python run.py -m experiment=fig_main && "
            f"python experiments/fig_main.py --results results/fig_main --name fig_main_default` "
-           f"(`{MAIN_JSON}`). The sweep runs D2DMoE (dynamic-k) at the experiment's alpha and at alpha 0 "
-           f"(the ReLU swap alone), and MoEfication (top-k); each margin is D2DMoE's Pareto frontier minus "
-           f"MoEfication's, linearly interpolated, on the {split} split.", "",
+           f"(`{MAIN_JSON}`). Each seed trains its own dense reference (until validation stops improving), "
+           "sparsified model and routers; both methods' routers get the same search over learning rate and "
+           "epochs, and each keeps, per seed, the setting best on validation. Choices are made on the "
+           "validation split, numbers reported on the test split; brackets are 95% intervals: over seeds "
+           "(Student t) for the dense model and the cheapest point, and a paired bootstrap over seeds and "
+           "test examples for the margins.", "",
            f"![D2DMoE against MoEfication on the built-in default]({MAIN_FIGURE})", ""]
     for panel, s in panels.items():
-        metric = s["metric"]
-        out += [f"`{panel}`, dense {metric} {value(metric, s['dense'])} ({split}):", "",
-                f"| D2DMoE minus MoEfication, {split} {metric} | at rel_cost 0.5 | at rel_cost 0.75 "
-                "| lowest (at rel_cost) | shared rel_cost range |",
-                "|---|---|---|---|---|"]
-        alphas = sorted(s.get("by_alpha", {}).items(), key=lambda ac: (float(ac[0]) != default, float(ac[0])))
-        rows = [(f"alpha {a}" + (" (the default's)" if float(a) == default else ""), c) for a, c in alphas]
-        if "alpha_envelope" in s:
-            rows.append(("best alpha at each cost", s["alpha_envelope"]))
-        if not rows:
-            rows = [("D2DMoE", s)]
-        for label, c in rows:
-            lo, hi = c["shared_range"] or (None, None)
-            low = (f"{margin(metric, c['min_margin'])} ({c['min_margin_at']:.3f})"
-                   if c["min_margin"] is not None else "none")
-            out.append(f"| {label} | {margin(metric, c['margin_at'].get('0.5'))} "
-                       f"| {margin(metric, c['margin_at'].get('0.75'))} | {low} "
-                       f"| {'none' if lo is None else f'{lo:.3f} to {hi:.3f}'} |")
-        out.append("")
+        metric, c, m = s["metric"], s["cheapest_within"], s["d2dmoe_minus_moefication"]
+        seeds = ", ".join(map(str, s["seeds"]))
+        taus = ", ".join(f"{r['tau']:g}" if r else "none" for r in c["per_seed"].values())
+        worst = m["worst"]
+        lead = m["moefication_leads_excluding_0"]
+        out += [f"`{panel}` on the test split, seeds {seeds}, D2DMoE at alpha {s['alpha']:g}:", "",
+                "| | test, mean [95% interval] |", "|---|---|",
+                f"| dense reference {metric} | {describe(s['dense'], 'value', metric)} |",
+                f"| lowest rel_cost with validation {metric} within the bar ({bar(metric, c['tolerance'])}); "
+                f"taus {taus} | {describe(c['rel_cost'], 'cost', metric)} |",
+                f"| its test {metric} minus dense | {describe(c['minus_dense'], 'margin', metric)} |",
+                *(f"| D2DMoE minus MoEfication at rel_cost {cost} | {describe(row, 'margin', metric)} |"
+                  for cost, row in m["at"].items()),
+                f"| D2DMoE minus MoEfication at its worst point of the shared range "
+                f"({'none' if worst is None else format(worst['rel_cost'], '.3f')}) | {describe(worst, 'margin', metric)} |",
+                "",
+                f"Shared rel_cost range (test) {m['shared_range'][0]:.3f} to {m['shared_range'][1]:.3f}; MoEfication ahead "
+                f"with an interval excluding 0: {'nowhere' if lead is None else f'from rel_cost {lead[0]:.3f} to {lead[1]:.3f}'}. "
+                f"With {len(s['seeds'])} seed(s) the test intervals over seeds have {len(s['seeds']) - 1} degree(s) of "
+                "freedom, so they are wide; the bootstrap intervals of the margins also resample the test examples, "
+                "on which the seeds are paired.",
+                ""]
     return out
 
 
@@ -104,10 +102,11 @@ def wallclock(root: Path) -> list[str]:
     points = [{**r, "method": "dense" if r["tau"] is None else "converted", "metric": metric, "value": r[metric]}
               for r in rows]
     dense = next(p for p in points if p["method"] == "dense")
-    best = cheapest_within(points)
+    best = cheapest_within(points) if all("val_value" in p for p in points) else None  # chosen on validation
     device = "CPU" if data["device"] == "cpu" else data["device"]
     cells = ["dense" if r["tau"] is None else f"{r['tau']:g}" for r in rows]
-    out = [f"The converted model at each tau against its dense model ({setting}; `{WALLCLOCK_JSON}`, "
+    made = (f" as the code of commit {data['model_commit']} trains it" if data.get("model_commit") else "")
+    out = [f"The converted model at each tau against its dense model ({setting}{made}; `{WALLCLOCK_JSON}`, "
            f"written by `python experiments/bench_wallclock.py`): counted cost, {split} {metric}, and wall "
            f"time over the whole {split} split (the median of {data['model_repeats']} passes, "
            f"{data['threads']} threads, {device}) as a fraction of the dense model's.", "",
@@ -119,8 +118,8 @@ def wallclock(root: Path) -> list[str]:
     said = []
     if best is not None:
         speed = dense["ms"] / best["ms"]
-        said.append(f"The cheapest point within the bar ({bar(metric, TOLERANCE[metric])}) is tau {best['tau']:g}: "
-                    f"rel_cost {best['rel_cost']:.3f}, {value(metric, best['value'])} ({split}), "
+        said.append(f"The cheapest point whose validation {metric} is within the bar ({bar(metric, TOLERANCE[metric])}) "
+                    f"is tau {best['tau']:g}: rel_cost {best['rel_cost']:.3f}, {value(metric, best['value'])} ({split}), "
                     f"{speed:.2f}x faster than dense ({best['ms'] / 1000:.2f} s against "
                     f"{dense['ms'] / 1000:.2f} s per pass over the {split} split).")
     slower = [f"{r['tau']:g}" for r in rows if r["tau"] is not None and r["time_ratio"] > 1]
@@ -136,12 +135,18 @@ def benchmarks(root: Path) -> list[str]:
     found = []
     for path in sorted((root / BENCHMARK_DIR).glob("*.json")):
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and "wall_s" in data:  # written by experiments/benchmark.py
+        # written by experiments/benchmark.py, with its cheapest point chosen on validation
+        if isinstance(data, dict) and "wall_s" in data and data.get("chosen_on") == "validation":
             found.append((path, data))
     found.sort(key=lambda f: (f[1]["overrides"] != [], f[0].name))  # the built-in default first
+    if not found:
+        return ["No preset has been timed by `python experiments/benchmark.py` since its cheapest point is chosen on "
+                "validation; the earlier rows, chosen on test, are in [docs/results.md](docs/results.md#benchmark).",
+                ""]
     out = ["One row per preset: `python experiments/benchmark.py [overrides]` times `run.py` (every phase "
            "trained in a fresh artifacts folder unless given `--artifacts`) and writes `benchmark/<name>.json`. "
-           "The cheapest point is the converted point of lowest rel_cost within the bar. Each wall time is one "
+           "The cheapest point is the converted point of lowest validation rel_cost whose validation metric is "
+           "within the bar, reported on test. Each wall time is one "
            "run; [docs/results.md](docs/results.md#benchmark) records the machines and what else ran alongside.",
            "",
            "| preset | file | wall time (CPUs) | dense | bar | cheapest rel_cost within the bar | at |",

@@ -7,22 +7,23 @@ from d2dmoe.pipeline import ARTIFACT_KEYS, ONLY_WITH, artifacts, check_artifact_
 from d2dmoe.validate import ConfigError, config_keys, nearest_entry
 from tests.conftest import compose_config, params_needing_smollm2
 
-# today's names, pinned (computed with the code before ARTIFACT_KEYS, 3cf5d34): a change here renames,
-# and so retrains, every user's artifacts. Names hash the resolved config, whose model and data paths
-# are where this machine installed the packages; the pins fix those paths, so they hold anywhere.
+# today's names, pinned: a change here renames, and so retrains, every user's artifacts. Pinned last
+# when the dense reference became early-stopped, BBC's split 60/20/20 and the router defaults chosen
+# on validation (issue 24), which renamed every phase on purpose. Names hash the resolved config, whose model and data paths are where this
+# machine installed the packages; the pins fix those paths, so they hold anywhere.
 PINNED_PATHS = ("model.path=/pinned/model", "data.path=/pinned/data")
 PINNED = {
-    (): ["dense-8bf154a68d9a", "sparsify-392c8f7e23e4", "split-a4af23897564", "routers-37a5301b6324"],
-    ("experiment=smoke",): ["dense-d46ef73945af", "sparsify-3088a175fa3f", "split-e76cc9a7ed01",
-                            "routers-2f61961b0935"],
-    ("method=moefication",): ["dense-8bf154a68d9a", "sparsify-479d871fe91a", "split-1936cc99ec58",
-                              "routers-e2305d37ca41"],
-    ("attention.convert=true",): ["dense-8bf154a68d9a", "attention-1ebe20657d21", "sparsify-97fe2aaafd7a",
-                                  "split-10d8cead8549", "routers-9e86264dc500"],
-    ("experiment=gpt2_bbc",): ["dense-c4ff40e5c42e", "sparsify-fc4b78a78eb3", "split-0f2dae9d8d14",
-                               "routers-2d90f5bb36ed"],
-    ("experiment=vit_fashion",): ["dense-108ff136a76c", "sparsify-e9b3fc9eec2b", "split-fae89d6b0af7",
-                                  "routers-0fd7a2d21c87"],
+    (): ["dense-e2b0ff3f3671", "sparsify-c6cc793449d3", "split-4b0b49d92ac0", "routers-4d257f910ae2"],
+    ("experiment=smoke",): ["dense-3cfbe75af0d4", "sparsify-6679558b377b", "split-1b8e0d76bc02",
+                            "routers-bd3ea1b25a2d"],
+    ("method=moefication",): ["dense-e2b0ff3f3671", "sparsify-401d77c02656", "split-8a84d3ff45a1",
+                              "routers-0e287e58fcad"],
+    ("attention.convert=true",): ["dense-e2b0ff3f3671", "attention-7a84d7093748", "sparsify-6ec792c96599",
+                                  "split-a1beb68d13f0", "routers-32d5a9e1dbd8"],
+    ("experiment=gpt2_bbc",): ["dense-a86047adee24", "sparsify-cb26dc65a442", "split-c5c012f0fac0",
+                               "routers-57581ba6758f"],
+    ("experiment=vit_fashion",): ["dense-148cb362e790", "sparsify-ac0b1e566066", "split-9950ed3089ff",
+                                  "routers-5440a435dcb5"],
 }
 
 

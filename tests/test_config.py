@@ -38,13 +38,18 @@ def test_every_sweep_job_composes_and_passes_checks(name):
 
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n.startswith("fig_main")])
-def test_main_figure_sweeps_run_both_alphas_and_moefication(name):
-    """D2DMoE at the experiment's alpha (job 0, the headline), D2DMoE at alpha 0, MoEfication."""
+def test_main_figure_sweeps_give_both_methods_the_same_router_search_on_three_seeds(name):
+    """D2DMoE at the experiment's alpha (the headline: first in each seed) and MoEfication, each
+    over the same router settings, seed by seed."""
     own_alpha = compose_config([f"experiment={name}"]).sparsity.alpha
     jobs = [compose_config(job) for job in sweep_jobs(name)]
-    assert [(c.method.name, c.sparsity.alpha, c.routing.rule) for c in jobs] == \
-        [("d2dmoe", own_alpha, "dynk"), ("d2dmoe", 0.0, "dynk"), ("moefication", 0.0, "topk")]
-    assert own_alpha > 0
+    methods = {(c.method.name, c.sparsity.alpha, c.routing.rule) for c in jobs}
+    assert methods == {("d2dmoe", own_alpha, "dynk"), ("moefication", 0.0, "topk")} and own_alpha > 0
+    searched = {m: sorted((c.seed, c.routing.router.lr, c.routing.router.epochs) for c in jobs if c.method.name == m)
+                for m in ("d2dmoe", "moefication")}
+    assert searched["d2dmoe"] == searched["moefication"] and len(searched["d2dmoe"]) == 3 * 4
+    assert {s for s, _, _ in searched["d2dmoe"]} == {0, 1, 2}
+    assert jobs[0].method.name == "d2dmoe" and jobs[0].seed == 0
 
 
 def test_experiments_exist():

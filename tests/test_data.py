@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from d2dmoe.data import LengthGroupedBatches, TextClassificationData, load_text_folder
@@ -40,7 +41,7 @@ def test_bbc_news_default_split(tmp_path, tokenizer):
     cfg = compose_config(["model=tiny_bert"], artifacts_dir=tmp_path).data
     data = instantiate(cfg, tokenizer=tokenizer)
     data.setup()
-    assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [1557, 223, 445]
+    assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [1335, 445, 445]  # 60/20/20
     assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     batch = next(iter(data.test_dataloader()))
     assert batch["input_ids"].shape[1] <= 128 and batch["attention_mask"].shape == batch["input_ids"].shape
@@ -108,3 +109,19 @@ def test_length_grouped_batches_cover_every_sample_once():
     evaluation = list(LengthGroupedBatches(lengths, batch_size=4, shuffle=False))
     flat = [lengths[i] for b in evaluation for i in b]
     assert flat == sorted(lengths, reverse=True)
+
+
+def test_the_run_seed_moves_the_training_order_not_the_splits(tmp_path, tokenizer):
+    """Seeds are replicates on the same examples: the splits stay put, the training batches reorder."""
+    cfg = compose_config(["model=tiny_bert"], artifacts_dir=tmp_path).data
+
+    def first_batches(seed):
+        data = instantiate(cfg, tokenizer=tokenizer)
+        data.train_seed = seed
+        data.setup()
+        return (next(iter(data.train_dataloader()))["input_ids"], next(iter(data.test_dataloader()))["input_ids"],
+                next(iter(data.val_dataloader()))["input_ids"])
+
+    (train0, test0, val0), (train1, test1, val1) = first_batches(0), first_batches(1)
+    assert torch.equal(test0, test1) and torch.equal(val0, val1)
+    assert not torch.equal(train0, train1)

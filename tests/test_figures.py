@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from d2dmoe.figures import MissingRuns, default_alpha, frontier, load_runs, select, value_at
-from d2dmoe.results import write_points
+from d2dmoe.results import write_examples, write_points
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 LAYERS, EXPERTS = 2, 8
@@ -22,19 +22,41 @@ def script(name: str):
     return module
 
 
-def point(setting: dict, rule: str, x, cost: float, value: float) -> dict:
+EXAMPLES = 100  # per split: values with two decimals are exact fractions of them
+
+
+def point(setting: dict, rule: str, x, cost: float, value: float, val: tuple | None = None) -> dict:
+    """val: (val_rel_cost, val_value); the test numbers when None."""
+    val_cost, val_value = val or (cost, value)
     return {"model": "tiny", "data": "toy", "method": "d2dmoe", "router": "regression", "alpha": 0.01,
-            "activation": "relu", "num_experts": EXPERTS, "expert_size": 4, "metric": "accuracy", **setting,
-            "rule": rule, "tau": x if rule == "dynk" else None, "k": x if rule == "topk" else None,
-            "macs": cost * 100, "rel_cost": cost, "value": value, "experts_per_token": 1.0}
+            "activation": "relu", "num_experts": EXPERTS, "expert_size": 4, "metric": "accuracy", "seed": 0,
+            **setting, "rule": rule, "tau": x if rule == "dynk" else None, "k": x if rule == "topk" else None,
+            "macs": cost * 100, "rel_cost": cost, "value": value, "val_rel_cost": val_cost, "val_value": val_value,
+            "experts_per_token": 1.0}
 
 
-def make_run(path: Path, setting: dict, curves: dict[str, list[tuple]], patches: bool = False) -> Path:
-    """curves: rule -> [(tau or k, rel_cost, value)]; writes points.jsonl, stats.json (and patch maps)."""
+def split_examples(points: list[dict], prefix: str) -> dict:
+    """Per-example arrays [points, EXAMPLES] that reproduce each point's value and rel_cost on a split:
+    the first value x EXAMPLES examples right, every example at the point's cost."""
+    n = np.arange(EXAMPLES)
+    sums = np.stack([(n < round(p[f"{prefix}value"] * EXAMPLES)).astype(float) for p in points])
+    macs = np.stack([np.full(EXAMPLES, 100 * p[f"{prefix}rel_cost"]) for p in points])
+    ones = np.ones_like(sums)
+    return {"sum": sums, "count": ones, "macs": macs, "dense_macs": np.full_like(sums, 100.0),
+            "fidelity_sum": ones, "fidelity_count": ones}
+
+
+def make_run(path: Path, setting: dict, curves: dict[str, list[tuple]], patches: bool = False,
+             val: dict[str, list[tuple]] | None = None) -> Path:
+    """curves: rule -> [(tau or k, rel_cost, value)]; val: rule -> [(val_rel_cost, val_value)] (the test
+    numbers when None); writes points.jsonl, examples.npz, stats.json (and patch maps)."""
     path.mkdir(parents=True)
+    val = val or {}
     dense = {**point(setting, "dense", None, 1.0, 0.9), "method": "dense", "rule": "dense"}
-    points = [dense] + [point(setting, rule, x, c, v) for rule, curve in curves.items() for x, c, v in curve]
+    points = [dense] + [point(setting, rule, x, c, v, val[rule][i] if rule in val else None)
+                        for rule, curve in curves.items() for i, (x, c, v) in enumerate(curve)]
     write_points(points, path)
+    write_examples({"test": split_examples(points, ""), "validation": split_examples(points, "val_")}, path)
     zero = 0.9 if setting.get("alpha", 0.01) > 0 else 0.5
     hist = [0] * 50
     hist[int((1 - zero) * 49)] = 100
@@ -75,31 +97,50 @@ def test_fig_main_compares_d2dmoe_with_moefication(tmp_path):
     make_run(tmp_path / "sweep" / "0", {}, {"dynk": DYNK})
     make_run(tmp_path / "sweep" / "1", {"method": "moefication", "router": "moefication", "alpha": 0.0},
              {"topk": TOPK})
-    script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
+    script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"),
+                             "--resamples", "200"])
     assert outputs(tmp_path / "out", "fig_main")
     summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
-    assert summary["shared_range"] == [0.3, 1.0]
+    margin = summary["d2dmoe_minus_moefication"]
+    assert margin["shared_range"] == pytest.approx([0.3, 1.0], abs=0.006)
     # at 0.5: D2DMoE 0.88; MoEfication between (0.3, 0.5) and (0.6, 0.85): 0.5 + 0.35 * 2/3
-    assert summary["margin_at"]["0.5"] == pytest.approx(0.88 - (0.5 + 0.35 * 2 / 3))
-    assert summary["min_margin"] >= 0
+    at = margin["at"]["0.5"]
+    assert at["mean"] == pytest.approx(0.88 - (0.5 + 0.35 * 2 / 3))
+    assert at["lo"] < at["mean"] < at["hi"]
+    assert margin["worst"]["mean"] >= 0 and margin["moefication_leads_excluding_0"] is None
+    # dense 0.9 on validation: only tau 0 (rel_cost 1.0) is within 1 point
+    assert summary["cheapest_within"]["rel_cost"]["mean"] == 1.0
 
 
-def test_fig_main_envelope_over_alphas(tmp_path):
-    """A second D2DMoE alpha that wins at high cost where the first loses: each alpha's margin, and
-    the envelope's, which is at least each alpha's everywhere."""
+def test_fig_main_margin_for_each_alpha(tmp_path):
+    """A second D2DMoE alpha that wins at high cost where the first loses: each alpha's margin."""
     # as a fig_main sweep lays them out: the experiment's alpha, alpha 0, MoEfication
     make_run(tmp_path / "main" / "0", {}, {"dynk": [(0.0, 1.0, 0.88), (0.3, 0.5, 0.88), (1.0, 0.3, 0.7)]})
     make_run(tmp_path / "main" / "1", {"alpha": 0.0}, {"dynk": [(0.0, 1.0, 0.95), (0.3, 0.6, 0.9), (1.0, 0.3, 0.4)]})
     make_run(tmp_path / "main" / "2", {"method": "moefication", "router": "moefication", "alpha": 0.0},
              {"topk": TOPK})
-    script("fig_main").main(["--results", str(tmp_path / "main"), "--out", str(tmp_path / "out"), "--name", "alphas"])
+    script("fig_main").main(["--results", str(tmp_path / "main"), "--out", str(tmp_path / "out"), "--name", "alphas",
+                             "--resamples", "200"])
     assert outputs(tmp_path / "out", "alphas")
     summary = json.loads((tmp_path / "out" / "alphas.json").read_text())["tiny/toy"]
     assert set(summary["by_alpha"]) == {"0", "0.01"}
-    assert summary["min_margin"] == pytest.approx(0.88 - 0.9)  # alpha 0.01, the headline, loses at cost 1
-    assert summary["by_alpha"]["0.01"]["min_margin"] == summary["min_margin"]
-    assert summary["by_alpha"]["0"]["min_margin"] < 0  # alpha 0 loses at cost 0.3 (0.4 against 0.5)
-    assert summary["alpha_envelope"]["min_margin"] >= 0
+    worst = summary["d2dmoe_minus_moefication"]["worst"]
+    assert worst["mean"] == pytest.approx(0.88 - 0.9)  # alpha 0.01, the headline, loses at cost 1
+    assert summary["by_alpha"]["0.01"]["worst"] == worst
+    assert summary["by_alpha"]["0"]["worst"]["mean"] < 0  # alpha 0 loses at cost 0.3 (0.4 against 0.5)
+
+
+def test_fig_main_chooses_router_settings_on_validation(tmp_path):
+    """Two router settings per method: the one validation favours is taken, whatever test says."""
+    moef = {"method": "moefication", "router": "moefication", "alpha": 0.0}
+    worse = [(c, v - 0.4) for _, c, v in DYNK]  # validation says: worse than the other setting
+    make_run(tmp_path / "s" / "0", {"router_lr": 0.001}, {"dynk": DYNK}, val={"dynk": worse})
+    make_run(tmp_path / "s" / "1", {"router_lr": 0.01}, {"dynk": [(x, c, v - 0.3) for x, c, v in DYNK]})
+    make_run(tmp_path / "s" / "2", {**moef, "router_lr": 0.001}, {"topk": TOPK})
+    script("fig_main").main(["--results", str(tmp_path / "s"), "--out", str(tmp_path / "out"), "--resamples", "50"])
+    summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
+    assert summary["chosen"]["d2dmoe"]["0"]["router_lr"] == 0.01  # better on validation, worse on test
+    assert summary["d2dmoe_minus_moefication"]["at"]["0.5"]["mean"] == pytest.approx(0.58 - (0.5 + 0.35 * 2 / 3))
 
 
 def test_fig_main_names_the_missing_runs(tmp_path):
@@ -162,7 +203,8 @@ def test_fig_ablations(ablation, tmp_path, capsys):
     fig.main([ablation, "--results", str(sweep), "--out", str(tmp_path)])
     assert outputs(tmp_path, f"fig_ablation_{ablation}")
     # dense 0.9: within 1 point only tau 0 (rel_cost 1.0), for every run
-    assert capsys.readouterr().out.count("within 0.01 of dense: 1.000 (") == len(ABLATION_RUNS[ablation])
+    assert capsys.readouterr().out.count("within 0.01 of dense (chosen on validation; test, 1 seed(s)): 1.000 (") \
+        == len(ABLATION_RUNS[ablation])
     (sweep / "0" / "points.jsonl").unlink()
     with pytest.raises(SystemExit, match=f"fig_ablation_{ablation}: missing runs"):
         fig.main([ablation, "--results", str(sweep), "--out", str(tmp_path)])

@@ -54,6 +54,25 @@ def test_pipeline_runs_every_phase_then_reuses_them(smoke_cfg, monkeypatch):
     assert artifact_dirs(root) == {"dense": 1, "sparsify": 1, "split": 1, "routers": 1}
 
 
+def test_points_are_measured_on_both_splits_and_examples_add_up_to_them(smoke_cfg):
+    """Each point's test and validation numbers are what its per-example sums give; the dense model
+    agrees with itself everywhere, and a converted point's agreement is the share of examples whose
+    prediction is the dense model's."""
+    results = pipeline.run(smoke_cfg)
+    points, examples = results.points, results.examples
+    assert set(examples) == {"test", "validation"}
+    for split, prefix in (("test", ""), ("validation", "val_")):
+        e = examples[split]
+        assert e["sum"].shape == (len(points), 32)  # limit_eval: 32 examples per split
+        for i, p in enumerate(points):
+            assert p[f"{prefix}value"] == pytest.approx(e["sum"][i].sum() / e["count"][i].sum())
+            assert p[f"{prefix}rel_cost"] == pytest.approx(e["macs"][i].sum() / e["dense_macs"][i].sum())
+            assert p[f"{prefix}agreement"] == pytest.approx(e["fidelity_sum"][i].mean())
+        assert points[0][f"{prefix}agreement"] == 1.0
+        # the examples come in the same order for every point: the dense model's MACs are the same
+        assert (e["dense_macs"] == e["dense_macs"][0]).all()
+
+
 def test_a_retrained_dense_model_retrains_what_was_made_from_the_old_one(smoke_cfg):
     pipeline.run(smoke_cfg)
     arts = pipeline.artifacts(smoke_cfg)
@@ -109,3 +128,38 @@ def test_run_py_sweep_writes_results_and_shares_upstream_phases(tmp_path):
     assert {p["router"] for p in points} == {"moefication"} and points[1]["alpha"] == 0.0
     assert points[-1]["experts_per_token"] == 8
     assert "rel_cost" in result.stdout and "topk" in result.stdout  # the printed table
+
+
+def test_agreement_is_the_share_of_examples_predicted_as_the_dense_model_does(smoke_cfg):
+    """Against predictions computed here, batch by batch, from the two models themselves."""
+    import copy
+
+    import torch
+
+    from d2dmoe.moe import DynamicKGate, set_gate
+    from d2dmoe.phases.evaluate import Evaluation, Reference
+
+    ctx, _, moe = pipeline.convert(smoke_cfg)
+    set_gate(moe, DynamicKGate(1.0))
+    moe.eval()
+    # the tiny model predicts nearly one class everywhere; as the reference, the same model with its top
+    # class's bias lowered by the median top-two gap predicts the runner-up on about half the examples
+    with torch.no_grad():
+        logits = torch.cat([ctx.adapter.forward(moe, b) for b in ctx.data.test_dataloader()])
+    top2 = logits.topk(2, -1).values
+    dense = copy.deepcopy(moe)
+    with torch.no_grad():
+        dense.classifier.bias[logits.argmax(-1).mode().values] -= (top2[:, 0] - top2[:, 1]).median()
+    ev = ctx.test(Evaluation(moe, ctx.adapter, ctx.dims, reference=Reference(dense, ctx.adapter)))
+    same = []
+    with torch.no_grad():
+        for batch in ctx.data.test_dataloader():
+            same += (ctx.adapter.forward(moe, batch).argmax(-1) == ctx.adapter.forward(dense, batch).argmax(-1)).tolist()
+    assert ev.examples["fidelity_sum"].tolist() == [float(s) for s in same]
+    assert ev.fidelity == pytest.approx(sum(same) / len(same)) and 0 < ev.fidelity < 1
+    # the reference's outputs are kept per split and batch: validation's batch 0 is not test's
+    reference = Reference(dense, ctx.adapter)
+    test, val = next(iter(ctx.data.test_dataloader())), next(iter(ctx.data.val_dataloader()))
+    reference.logits("test", 0, test)
+    with torch.no_grad():
+        assert torch.equal(reference.logits("validation", 0, val), ctx.adapter.forward(dense, val))

@@ -24,3 +24,27 @@ def test_choices_and_frontiers_follow_the_direction():
     points = [{"rel_cost": 0.3, "value": 3.0}, {"rel_cost": 0.4, "value": 2.0}]
     assert list(frontier(points, "loss")[1]) == [3.0, 2.0]
     assert list(frontier(points, "accuracy")[1]) == [3.0]
+
+
+def test_fidelity_to_the_dense_reference_per_example():
+    """Classifiers: whether each prediction is the reference's. Language models: KL(reference ||
+    model) summed over the targets that count (padding excluded), checked against a direct sum."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cls = TASKS["accuracy"]
+    ref = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.5]])
+    agree, count = cls.fidelity_per_example(torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]]), ref, None)
+    assert agree.tolist() == [1.0, 0.0, 1.0] and count.tolist() == [1.0, 1.0, 1.0]
+
+    lm = TASKS["loss"]
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ref, out = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    kl, n = lm.fidelity_per_example(out, ref, mask)
+    assert n.tolist() == [3.0, 1.0]  # targets whose position and next token are real
+    p, q = ref.log_softmax(-1), out.log_softmax(-1)
+    direct = [sum(F.kl_div(q[b, t], p[b, t], log_target=True, reduction="sum") for t in range(int(n[b])))
+              for b in range(2)]
+    assert kl.tolist() == pytest.approx([float(d) for d in direct], rel=1e-5)
+    assert lm.fidelity_per_example(ref, ref, mask)[0].abs().max() < 1e-6  # the reference against itself

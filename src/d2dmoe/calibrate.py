@@ -109,7 +109,7 @@ def measure(ctx, model: nn.Module, split: str = "test") -> dict:
     """rel_cost, metric value and FFN experts per token of `model` at its current gates, on a split."""
     from .phases.evaluate import Evaluation
 
-    ev = ctx.test(Evaluation(model.eval(), ctx.adapter, ctx.dims), split=split)
+    ev = ctx.test(Evaluation(model.eval(), ctx.adapter, ctx.dims, split=split), split=split)
     return {"rel_cost": ev.rel_cost, "value": ev.value, "experts_per_token": ev.experts_per_token}
 
 

@@ -163,6 +163,11 @@ class SplitData(L.LightningDataModule):
     so a resumed phase sees the batches it would have seen."""
 
     resume_at: tuple[int, int] | None = None  # (epoch, batches done), set when a checkpoint is loaded
+    train_seed: int | None = None  # the training batches' order; the run's seed (build_context), else split_seed
+
+    def order_seed(self, shuffle: bool) -> int:
+        """Seed of a loader's batch order: the splits stay fixed (split_seed), the training order follows the run's seed."""
+        return self.train_seed if shuffle and self.train_seed is not None else self.split_seed
 
     def train_dataloader(self):
         loader = self._loader("train", True, self.batch_size)
@@ -285,7 +290,7 @@ class TokenizedTextData(SplitData):
 
         self.setup()
         lengths = [len(ids) for ids in self.splits[split]["input_ids"]]
-        batches = LengthGroupedBatches(lengths, batch_size, shuffle, seed=self.split_seed)
+        batches = LengthGroupedBatches(lengths, batch_size, shuffle, seed=self.order_seed(shuffle))
         # its own generator: creating the loader's iterator then draws nothing from torch's global RNG
         return DataLoader(self.splits[split], batch_sampler=batches, collate_fn=DataCollatorWithPadding(self.tokenizer),
                           generator=torch.Generator().manual_seed(self.split_seed))

@@ -1,6 +1,7 @@
 """What the figure scripts in experiments/ share: reading local result directories (each job's
-points.jsonl and stats.json), picking the runs a figure needs (or naming the missing ones),
-comparing accuracy-cost curves, and saving PNG + PDF."""
+points.jsonl, examples.npz and stats.json), picking the runs a figure needs (or naming the missing
+ones) with the tuned settings chosen on validation, seed by seed, comparing accuracy-cost curves,
+and saving PNG + PDF."""
 from __future__ import annotations
 
 import math
@@ -11,13 +12,16 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from .cli import CONF
-from .results import read_points, read_stats
+from .evidence import Curve, frontier_at, validation_score
+from .results import read_examples, read_points, read_stats
 from .tasks import sign
 
 COST_LABEL = "relative cost (MACs per sample / dense MACs)"
 TAU_NOTE = "dynamic-k: expert e runs iff $r_e \\geq \\tau \\max_j r_j$"
 SETTING_KEYS = ("model", "data", "method", "router", "alpha", "activation", "num_experts", "expert_size",
                 "attention")
+# settings a sweep searches per method and seed; a figure takes, per seed, the value best on validation
+TUNED_KEYS = ("router_lr", "router_epochs")
 
 
 def default_alpha() -> float:
@@ -48,16 +52,47 @@ class Run:
     @property
     def setting(self) -> dict:
         """What distinguishes this run from others of a sweep: method, router, alpha, ..., and
-        `rules`, the selection rules it evaluated."""
+        `rules`, the selection rules it evaluated (not the seed, nor the TUNED_KEYS)."""
         curve = self.curve()
         return {**{k: curve[0].get(k) for k in SETTING_KEYS}, "rules": sorted({p["rule"] for p in curve})}
 
+    @property
+    def seed(self) -> int:
+        return int(self.points[0].get("seed", 0))
+
+    @property
+    def tuned(self) -> dict:
+        return {k: self.points[0].get(k) for k in TUNED_KEYS}
+
+    def rows(self, rule: str) -> list[int]:
+        """Indices (into points.jsonl and examples.npz) of the rule's points, cheapest first."""
+        ids = [i for i, p in enumerate(self.points) if p["rule"] == rule]
+        return sorted(ids, key=lambda i: self.points[i]["rel_cost"])
+
+    def examples(self, split: str = "test") -> dict:
+        if not (self.dir / "examples.npz").exists():
+            raise MissingRuns(f"{self.dir} has no examples.npz (made before per-example results were saved): "
+                              "run it again for confidence intervals")
+        return read_examples(self.dir)[split]
+
+    def test_curve(self, rule: str) -> Curve:
+        """The rule's points on the test split, per example (evidence.Curve)."""
+        return Curve.of(self.points, self.examples("test"), self.rows(rule))
+
+    def validation(self, rule: str) -> tuple[np.ndarray, np.ndarray]:
+        """(val_rel_cost, val_value) of the rule's points."""
+        pts = [self.points[i] for i in self.rows(rule)]
+        if any("val_value" not in p for p in pts):
+            raise MissingRuns(f"{self.dir}: points without validation numbers (val_value), made before points were "
+                              "measured on validation: run it again to choose on validation")
+        return np.array([p["val_rel_cost"] for p in pts]), np.array([p["val_value"] for p in pts])
+
 
 def load_runs(*dirs: str | Path) -> list[Run]:
-    """Every run under the given directories: a directory holding points.jsonl, or its children."""
+    """Every run under the given directories, at any depth (a directory holding points.jsonl)."""
     runs = []
     for d in map(Path, dirs):
-        for points in sorted([d / "points.jsonl"] if (d / "points.jsonl").exists() else d.glob("*/points.jsonl")):
+        for points in sorted(d.rglob("points.jsonl")):
             has_stats = points.with_name("stats.json").exists()
             runs.append(Run(points.parent, read_points(points), read_stats(points.parent) if has_stats else None))
     return runs
@@ -93,6 +128,40 @@ def select(runs: list[Run], wanted: dict[str, dict], figure: str, command: str, 
         raise MissingRuns(f"{figure}: missing runs: {'; '.join(missing)}. Looked in: {', '.join(where)}. "
                           f"Make them with: {command}")
     return found
+
+
+def choose_by_seed(runs: list[Run], want: dict) -> dict[int, Run]:
+    """seed -> a run matching `want`: among the runs with the first matching run's setting, per seed,
+    the one whose TUNED_KEYS are best on validation (evidence.validation_score of the wanted rule's
+    curve); test numbers play no part."""
+    found = [r for r in runs if matches(r.setting, want)]
+    if not found:
+        return {}
+    by_seed: dict[int, list[Run]] = {}
+    for run in found:
+        if run.setting == found[0].setting:
+            by_seed.setdefault(run.seed, []).append(run)
+    chosen = {}
+    for seed, candidates in sorted(by_seed.items()):
+        metric = candidates[0].dense["metric"]
+        scores = validation_score([r.validation(want["rule"]) for r in candidates], metric) \
+            if len(candidates) > 1 else [0.0]
+        chosen[seed] = candidates[int(np.argmax(scores))]
+    return chosen
+
+
+def select_seeds(runs: list[Run], wanted: dict[str, dict], figure: str, command: str) -> dict[str, dict[int, Run]]:
+    """label -> {seed: run} (choose_by_seed) for each of `wanted`, on the seeds every label has.
+    Raises MissingRuns naming every label without a run."""
+    found = {label: choose_by_seed(runs, want) for label, want in wanted.items()}
+    missing = [f"{label} ({', '.join(f'{k}={v}' for k, v in wanted[label].items())})"
+               for label, by_seed in found.items() if not by_seed]
+    if missing:
+        where = sorted({str(r.dir.parent) for r in runs}) or ["no runs found"]
+        raise MissingRuns(f"{figure}: missing runs: {'; '.join(missing)}. Looked in: {', '.join(where)}. "
+                          f"Make them with: {command}")
+    shared = set.intersection(*(set(by_seed) for by_seed in found.values()))
+    return {label: {s: r for s, r in by_seed.items() if s in shared} for label, by_seed in found.items()}
 
 
 def frontier(points: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -153,6 +153,6 @@ class ImageClassificationData(SplitData):
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()
         # images are all one length: the batches are plain shuffled batches, resumable mid-epoch
-        batches = LengthGroupedBatches([0] * len(self.splits[split]), batch_size, shuffle, seed=self.split_seed)
+        batches = LengthGroupedBatches([0] * len(self.splits[split]), batch_size, shuffle, seed=self.order_seed(shuffle))
         return DataLoader(self.splits[split], batch_sampler=batches, num_workers=self.num_workers,
                           generator=torch.Generator().manual_seed(self.split_seed))

@@ -64,7 +64,7 @@ def run_job(cfg: DictConfig) -> list[dict] | None:
 
 def convert_and_report(cfg: DictConfig, out_dir: Path) -> list[dict]:
     from . import pipeline
-    from .results import log_wandb, plot_pareto, table, write_points, write_stats
+    from .results import log_wandb, plot_pareto, table, write_examples, write_points, write_stats
 
     if cfg.offline:  # before anything imports huggingface_hub: no 25 s DNS retries per hub call
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,6 +76,7 @@ def convert_and_report(cfg: DictConfig, out_dir: Path) -> list[dict]:
         results = pipeline.run(cfg, run)
         points = results.points
         write_stats(results, out_dir)
+        write_examples(results.examples, out_dir)
         write_points(points, out_dir)  # last: a run directory with points.jsonl is complete
         png = plot_pareto(points, out_dir / "pareto.png")
         if run is not None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lightning as L
+import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -16,10 +17,11 @@ from torch import nn
 from .architecture import build, describe
 from .artifacts import Artifact
 from .attention import finish_distillation, install_projection_mlps
+from .early_stopping import KeepBest
 from .models import Dims
 from .moe import AllExperts, DynamicKGate, TopKGate, free_scratch, set_gate, set_impl
 from .phases.attention import AttentionDistillation
-from .phases.evaluate import Evaluation
+from .phases.evaluate import Evaluation, Reference
 from .phases.finetune import TaskTraining
 from .phases.guard import out_of_memory_hint
 from .phases.routers import RouterTraining
@@ -82,9 +84,11 @@ class Context:
 
             logger = WandbLogger(experiment=self.wandb_run, prefix=phase)
         work_dir = artifacts(self.cfg)[phase].work_dir
-        callbacks = resume_callbacks(work_dir, self.cfg.checkpoint_every)
+        resuming = resume_callbacks(work_dir, self.cfg.checkpoint_every)
+        # train while validation improves, keeping the best weights (the dense reference)
+        stopping = [KeepBest(self.adapter.task.metric, settings.patience)] if settings.get("patience") else []
         trainer = instantiate(self.cfg.trainer, max_epochs=settings.epochs, max_steps=settings.get("max_steps", -1),
-                              logger=logger, callbacks=callbacks, enable_checkpointing=bool(callbacks))
+                              logger=logger, callbacks=resuming + stopping, enable_checkpointing=bool(resuming))
         ckpt = last_checkpoint(work_dir)
         if ckpt:
             log.info("resuming %s from %s", phase, ckpt)
@@ -94,7 +98,7 @@ class Context:
             trainer.fit(module, datamodule=self.data, ckpt_path=ckpt, weights_only=True)
         return trainer
 
-    def test(self, module: Evaluation, split: str = "test", batches: int | None = None) -> Evaluation:
+    def test(self, module: L.LightningModule, split: str = "test", batches: int | None = None) -> L.LightningModule:
         """Run `module` over the test (or validation) split, or over its first `batches` batches."""
         # one process: the metric and cost sums accumulate in this module (trainer=ddp trains only)
         trainer = instantiate(self.cfg.trainer, logger=False, strategy="auto", devices=1, enable_progress_bar=False,
@@ -113,6 +117,7 @@ def build_context(cfg: DictConfig, wandb_run=None) -> Context:
     adapter = instantiate(cfg.model)
     check_model(cfg, adapter.dims(num_labels=1))  # shapes come from the model's config: no weights, no data
     data = instantiate(cfg.data)
+    data.train_seed = cfg.seed  # seeds differ in the training order too, not only in initialisation and dropout
     data.tokenizer = adapter.tokenizer(data)  # None for images; may be trained on the data's training texts
     data.prepare_data()
     data.setup()
@@ -181,7 +186,11 @@ def module_spec(cfg: DictConfig, phase: "Phase") -> dict:
 
 def dense_spec(cfg: DictConfig) -> dict:
     data = {k: v for k, v in plain(cfg.data).items() if k not in DATA_KEYS_IGNORED}
-    return {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense), "seed": cfg.seed}
+    spec = {"model": plain(cfg.model), "data": data, "dense": plain(cfg.dense), "seed": cfg.seed}
+    # with early stopping, validation chooses the weights: how much of it runs is part of the model
+    if cfg.dense.get("patience") and cfg.trainer.get("limit_val_batches", 1.0) != 1.0:
+        spec["limit_val_batches"] = cfg.trainer.limit_val_batches
+    return spec
 
 
 def attention_spec(cfg: DictConfig) -> dict:
@@ -221,8 +230,10 @@ def obtain(ctx: Context, art: Artifact, stage: str, make, upstream=lambda: None)
 
 
 def metrics(trainer: L.Trainer) -> dict:
-    """The phase's last logged metrics, and how many processes trained it."""
-    return {**{k: float(v) for k, v in trainer.callback_metrics.items()}, "world_size": trainer.world_size}
+    """The phase's last logged metrics, how many processes trained it, and (early stopping) which
+    epoch's weights it kept."""
+    kept = next((c.summary for c in trainer.callbacks if isinstance(c, KeepBest)), {})
+    return {**{k: float(v) for k, v in trainer.callback_metrics.items()}, "world_size": trainer.world_size, **kept}
 
 
 def phase_module(ctx: Context, phase: str, model: nn.Module) -> L.LightningModule:
@@ -350,12 +361,13 @@ ARTIFACT_KEYS: dict[str, tuple[str, ...] | str] = {
     "trainer.accelerator": "the same training on another device",
     "trainer.deterministic": "the same training, with deterministic kernels only",
     "trainer.use_distributed_sampler": "the batch samplers shard batches across processes themselves",
-    "trainer.limit_val_batches": "validation only",
+    "trainer.limit_val_batches": ("dense",),  # with dense.patience, validation picks the dense weights
 }
 # keys that act only beside another: they enter nothing while that one is false or null
 ONLY_WITH = {**{k: "attention.convert" for k in ("attention.num_experts", "attention.router_hidden",
                                                  "sparsity.attention_scale", "sparsity.attention_lr")},
-             "trainer.gradient_clip_algorithm": "trainer.gradient_clip_val"}
+             "trainer.gradient_clip_algorithm": "trainer.gradient_clip_val",
+             "trainer.limit_val_batches": "dense.patience"}
 
 # Trainer settings that change what is trained, and their defaults: at the default a setting is left
 # out of the spec, so artifacts trained before it was hashed keep their names
@@ -381,43 +393,68 @@ class Results:
     stats: dict = field(default_factory=dict)  # what the figures need beyond the points (stats.py)
     patch_images: list = field(default_factory=list)  # ViTs: the first test images, [C, H, W] each
     patch_maps: list = field(default_factory=list)  # ViTs: per point, [gh, gw] maps of those images
+    # split -> key (phases.evaluate.EXAMPLE_KEYS) -> per point, per example: [points, N] (examples.npz)
+    examples: dict = field(default_factory=dict)
+
+
+SPLIT_PREFIX = {"test": "", "validation": "val_"}  # a point's test fields, and their validation twins
+
+
+def measure_point(ctx: Context, model: nn.Module, reference: Reference, results: Results,
+                  expert_use: ExpertUse | None = None) -> dict:
+    """The model at its current gates on test and on validation: the point's measured fields
+    (value, rel_cost, macs, fidelity, experts per token; val_* for validation), its examples
+    appended to `results.examples`. `expert_use` fills on the test split."""
+    fields = {}
+    for split, prefix in SPLIT_PREFIX.items():
+        ev = ctx.test(Evaluation(model.eval(), ctx.adapter, ctx.dims, reference=reference, split=split,
+                                 expert_use=expert_use if split == "test" else None), split=split)
+        fields |= {f"{prefix}value": ev.value, f"{prefix}rel_cost": ev.rel_cost,
+                   f"{prefix}{ctx.adapter.task.fidelity}": ev.fidelity}
+        if split == "test":
+            fields |= {"macs": ev.macs, "experts_per_token": ev.experts_per_token,
+                       "attention_experts_per_token": ev.attention_experts_per_token,
+                       **ctx.adapter.task.extra(ev.value)}
+        for key, values in ev.examples.items():
+            results.examples.setdefault(split, {}).setdefault(key, []).append(values)
+    return fields
 
 
 def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
     cfg = ctx.cfg
+    r = cfg.routing.router
     common = {"model": cfg.model.name, "data": cfg.data.name, "alpha": float(cfg.sparsity.alpha),
               "penalty": cfg.sparsity.penalty, "activation": cfg.sparsity.activation,
-              "router": cfg.routing.router.kind, "num_experts": num_experts(cfg, ctx.dims),
-              "expert_size": ctx.dims.d_ff // num_experts(cfg, ctx.dims),
-              "attention": bool(cfg.attention.convert), "metric": ctx.adapter.task.metric, "split": "test"}
-    ref = ctx.test(Evaluation(dense.eval(), ctx.adapter, ctx.dims))
-    points = [{**common, "method": "dense", "rule": "dense", "tau": None, "k": None, "macs": ref.macs,
-               "rel_cost": 1.0, "value": ref.value, "experts_per_token": None,
-               "attention_experts_per_token": None, **ctx.adapter.task.extra(ref.value)}]
+              "router": r.kind, "router_lr": float(r.lr), "router_epochs": int(r.epochs),
+              "num_experts": num_experts(cfg, ctx.dims), "expert_size": ctx.dims.d_ff // num_experts(cfg, ctx.dims),
+              "attention": bool(cfg.attention.convert), "metric": ctx.adapter.task.metric, "split": "test",
+              "seed": int(cfg.seed)}
+    reference = Reference(dense.eval(), ctx.adapter)
+    results = Results([])
+    results.points.append({**common, "method": "dense", "rule": "dense", "tau": None, "k": None,
+                           **measure_point(ctx, dense, reference, results)})
     # how sparse the converted model's activations are: every expert computed, no gate involved
     set_gate(moe, AllExperts())
     # stats.json key -> layers; the projections' MLPs in module order (Q, K, V, O of each block)
     kinds = {"activation": "ffn", **({"attention_activation": "attention"} if cfg.attention.convert else {})}
     activations = {key: ActivationStats(kind) for key, kind in kinds.items()}
     ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, activations=list(activations.values())))
-    results = Results(points, {**{key: a.result() for key, a in activations.items()}, "points": []})
+    results.stats = {**{key: a.result() for key, a in activations.items()}, "points": []}
 
     set_impl(moe, cfg.experts.impl)
     for fields, gate in gates(cfg):
         set_gate(moe, gate)
         use = ExpertUse(ctx.adapter.patch_grid)
-        ev = ctx.test(Evaluation(moe.eval(), ctx.adapter, ctx.dims, expert_use=use))
-        points.append({**common, "method": cfg.method.name, **fields, "macs": ev.macs,
-                       "rel_cost": ev.rel_cost, "value": ev.value,
-                       "experts_per_token": ev.experts_per_token,
-                       "attention_experts_per_token": ev.attention_experts_per_token,
-                       **ctx.adapter.task.extra(ev.value)})
+        point = {**common, "method": cfg.method.name, **fields, **measure_point(ctx, moe, reference, results, use)}
+        results.points.append(point)
         results.stats["points"].append({**fields, **use.result()})
         if use.maps:
             results.patch_images = use.pixels
             results.patch_maps.append(use.maps)
-        log.info("%s: %s %.4f rel_cost %.4f", gate, common["metric"], ev.value, ev.rel_cost)
+        log.info("%s: %s %.4f rel_cost %.4f (validation: %.4f, %.4f)", gate, common["metric"], point["value"],
+                 point["rel_cost"], point["val_value"], point["val_rel_cost"])
     free_scratch()  # the gather's scratch space is only needed while evaluating
+    results.examples = {split: {k: np.stack(v) for k, v in arrays.items()} for split, arrays in results.examples.items()}
     return results
 
 

@@ -1,8 +1,16 @@
-"""The results contract and its reporting: `points.jsonl`, `stats.json`, `pareto.png`, a printed
-table, W&B.
+"""The results contract and its reporting: `points.jsonl`, `examples.npz`, `stats.json`,
+`pareto.png`, a printed table, W&B.
 
 points.jsonl holds one JSON object per evaluated point with at least POINT_KEYS. Figure scripts and
-outside tools read it: keep the keys stable. stats.json holds what the figures need beyond the
+outside tools read it: keep the keys stable. `value`, `rel_cost` and `macs` are measured on the test
+split, `val_value` and `val_rel_cost` on validation: choices (a tau, a router setting, the cheapest
+point within 1 point of dense) are made on the val_ fields, the test fields only report them. Each
+point also carries its task's fidelity to the dense reference on both splits (`agreement` and
+`val_agreement` for classifiers, `kl_from_dense` and `val_kl_from_dense` for language models).
+examples.npz holds the same sums per example, `<split>_<key>` [points, N] (split `test` or
+`validation`; key in phases.evaluate.EXAMPLE_KEYS; row i is line i of points.jsonl, examples in the
+split's evaluation order, the same in every run on the same data): what confidence intervals
+resample and what pairs two runs on the same examples. stats.json holds what the figures need beyond the
 points (d2dmoe.stats): {"activation": per-layer activation sparsity of the converted model,
 "attention_activation" (with attention.convert): the same for the projections' MLPs, "points":
 per tau (or k), per-layer executed-expert histograms and, for ViTs, the mean executed experts per
@@ -22,14 +30,42 @@ from .tasks import higher_is_better, within
 TOLERANCE = {"accuracy": 0.01, "loss": 0.02}  # absolute accuracy; relative loss
 
 POINT_KEYS = ("model", "data", "method", "rule", "tau", "k", "alpha", "num_experts", "macs", "rel_cost",
-              "metric", "value")
+              "metric", "value", "val_value", "val_rel_cost", "seed")
 TABLE_KEYS = ("method", "rule", "tau", "k", "alpha", "num_experts", "experts_per_token", "attention",
-              "attention_experts_per_token", "macs", "rel_cost", "value")
+              "attention_experts_per_token", "macs", "rel_cost", "value", "agreement", "kl_from_dense",
+              "val_rel_cost", "val_value")
 
 
 def write_points(points: list[dict], out_dir: Path) -> Path:
     text = "".join(json.dumps(p) + "\n" for p in points)
     return atomic_write(Path(out_dir) / "points.jsonl", lambda p: p.write_text(text))
+
+
+def write_examples(examples: dict, out_dir: Path) -> Path | None:
+    """examples.npz from {split: {key: [points, N]}} (see the module docstring)."""
+    if not examples:
+        return None
+    import numpy as np
+
+    arrays = {f"{split}_{key}": values for split, by_key in examples.items() for key, values in by_key.items()}
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez_compressed(f, **arrays)
+
+    return atomic_write(Path(out_dir) / "examples.npz", save)
+
+
+def read_examples(run_dir: Path) -> dict:
+    """{split: {key: [points, N] array}} from a run's examples.npz."""
+    import numpy as np
+
+    out: dict = {}
+    with np.load(Path(run_dir) / "examples.npz") as f:
+        for name in f.files:
+            split, key = name.split("_", 1)
+            out.setdefault(split, {})[key] = f[name]
+    return out
 
 
 def read_points(path: Path) -> list[dict]:
@@ -124,9 +160,11 @@ def fmt(v) -> str:
 
 def table(points: list[dict]) -> str:
     converted = any(p.get("attention") for p in points)  # the attention columns only when they say something
-    keys = [k for k in TABLE_KEYS if converted or not k.startswith("attention")]
+    keys = [k for k in TABLE_KEYS if (converted or not k.startswith("attention"))
+            and any(k in p for p in points)]
     rows = [[fmt(p.get(k)) for k in keys] for p in points]
-    header = keys[:-1] + [points[0]["metric"]]
+    metric = points[0]["metric"]  # value: the test split's; val_value: validation's
+    header = [{"value": metric, "val_value": f"val_{metric}"}.get(k, k) for k in keys]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -156,10 +194,13 @@ def log_wandb(run, points: list[dict], png: Path, stats: dict | None = None) -> 
 
 
 def cheapest_within(points: list[dict], tolerance: float | None = None) -> dict | None:
-    """The converted point of lowest rel_cost that keeps the dense quality: accuracy at most
-    `tolerance` below dense (default 1 point), or loss at most `tolerance` above it, relative
-    (default 2%)."""
+    """The converted point of lowest validation rel_cost that keeps the dense quality on validation:
+    accuracy at most `tolerance` below dense (default 1 point), or loss at most `tolerance` above it,
+    relative (default 2%). Chosen on validation only; its test fields report it."""
     dense = next(p for p in points if p["method"] == "dense")
+    if "val_value" not in dense:
+        raise ValueError("these points carry no validation numbers (val_value): they were made before points were "
+                         "measured on validation; run them again to choose on validation")
     tol = TOLERANCE[dense["metric"]] if tolerance is None else tolerance
-    ok = [p for p in points if p["method"] != "dense" and within(dense["metric"], p["value"], dense["value"], tol)]
-    return min(ok, key=lambda p: p["rel_cost"], default=None)
+    ok = [p for p in points if p["method"] != "dense" and within(dense["metric"], p["val_value"], dense["val_value"], tol)]
+    return min(ok, key=lambda p: p["val_rel_cost"], default=None)

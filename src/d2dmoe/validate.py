@@ -117,6 +117,7 @@ CHECKS: dict[str, Rule | str] = {
     "data.limit_eval": optional(at_least(1)),
     # phases
     **{f"dense.{k}": rule for k, rule in TRAINING.items()},
+    "dense.patience": optional(at_least(1)),
     **{f"attention.{k}": rule for k, rule in TRAINING.items()},
     "attention.convert": BOOL,
     "attention.width": POSITIVE,

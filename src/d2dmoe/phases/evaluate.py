@@ -1,35 +1,71 @@
-"""`evaluate`: the task's metric and mean MACs per sample of one model at one expert-selection rule."""
+"""`evaluate`: the task's metric and mean MACs per sample of one model at one expert-selection rule,
+on one split, with every example's share of them kept (`examples`), so that figures can resample
+examples for confidence intervals and pair two models on the same examples."""
 from __future__ import annotations
 
 from contextlib import ExitStack
 
 import lightning as L
+import numpy as np
 import torch
+from torch import nn
 
 from ..cost import dense_macs, executed_pairs, moe_model_macs
 from ..moe import moe_layers
 from ..sparsity import capture_activations
 from ..stats import ActivationStats, ExpertUse
 
+# examples.npz's arrays per split (results.py): the metric's sum and count, MACs, the dense model's
+# MACs, and the fidelity's sum and count
+EXAMPLE_KEYS = ("sum", "count", "macs", "dense_macs", "fidelity_sum", "fidelity_count")
+
+
+class Reference(nn.Module):
+    """The dense reference's outputs, batch by batch of a split, to compare a converted model's with
+    (the task's `fidelity`). A classifier's logits are kept after the first pass ([B, C]: small); a
+    language model's ([B, T, V]) are computed again each time."""
+
+    def __init__(self, model: nn.Module, adapter):
+        super().__init__()
+        self.model, self.adapter = model, adapter  # a submodule: Lightning moves it with the evaluated model
+        self.kept: dict[tuple[str, int], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def logits(self, split: str, batch_idx: int, batch: dict) -> torch.Tensor:
+        if (split, batch_idx) in self.kept:
+            return self.kept[split, batch_idx]
+        out = self.adapter.forward(self.model.eval(), batch)
+        if out.dim() == 2:
+            self.kept[split, batch_idx] = out
+        return out
+
 
 class Evaluation(L.LightningModule):
-    """Run with `trainer.test`; afterwards `value` (the task's metric), `macs` (mean per sample),
-    `dense_macs`, `experts_per_token` (FFN MoE layers) and `attention_experts_per_token` (the
-    projections' MoE layers, when converted). Given `expert_use` (FFN layers) or `activations` (each
-    for the layers of its kind), also fills them."""
+    """Run with `trainer.test` (on the test split, or on validation with `split="validation"`);
+    afterwards `value` (the task's metric), `macs` (mean per sample), `dense_macs`, `fidelity` (given a
+    `reference`: agreement with the dense model, or KL from it), `experts_per_token` (FFN MoE layers),
+    `attention_experts_per_token` (the projections' MoE layers, when converted) and `examples` (the
+    same sums per example). Given `expert_use` (FFN layers) or `activations` (each for the layers of
+    its kind), also fills them."""
 
     def __init__(self, model: torch.nn.Module, adapter, dims, expert_use: ExpertUse | None = None,
-                 activations: list[ActivationStats] = ()):
+                 activations: list[ActivationStats] = (), reference: Reference | None = None,
+                 split: str = "test"):
         super().__init__()
         self.model, self.adapter, self.dims = model, adapter, dims
         self.expert_use, self.activations = expert_use, list(activations)
+        self.reference, self.split = reference, split
 
     def on_test_epoch_start(self) -> None:
-        self.samples = 0
-        self.metric_sum = self.metric_count = 0.0
-        self.macs_sum = self.dense_macs_sum = 0.0
+        # per batch, per example [B]: the metric's sum and count, MACs, the dense model's MACs, and
+        # the fidelity's sum and count; concatenated in `examples`
+        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in EXAMPLE_KEYS}
         self.pairs = {"ffn": 0.0, "attention": 0.0}  # executed pairs per layer, summed over batches
         self.tokens = 0.0
+
+    def keep(self, **per_example: torch.Tensor) -> None:
+        for key, values in per_example.items():
+            self.parts[key].append(values.detach().double().cpu())
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         mask = self.adapter.token_mask(batch)
@@ -38,14 +74,17 @@ class Evaluation(L.LightningModule):
             logits = self.adapter.forward(self.model, batch)
         for stats, acts in zip(self.activations, captured):
             stats.update(acts, mask)
-        total, count = self.adapter.task.score(logits, batch, mask)
-        self.metric_sum, self.metric_count = self.metric_sum + total, self.metric_count + count
+        task = self.adapter.task
         tokens = mask.sum(-1)
-        self.samples += len(mask)
-        self.dense_macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
+        sums, counts = task.per_example(logits, batch, mask)
+        dense = dense_macs(self.adapter, tokens, self.dims)
         moes = moe_layers(self.model)  # one walk over the modules per batch
+        self.keep(sum=sums, count=counts, dense_macs=dense,
+                  macs=moe_model_macs(self.adapter, self.model, mask, self.dims) if moes else dense)
+        if self.reference is not None:
+            agree, over = task.fidelity_per_example(logits, self.reference.logits(self.split, batch_idx, batch), mask)
+            self.keep(fidelity_sum=agree, fidelity_count=over)
         if moes:
-            self.macs_sum += float(moe_model_macs(self.adapter, self.model, mask, self.dims).sum())
             for kind in self.pairs:
                 if of_kind := [m for m in moes if m.kind == kind]:
                     self.pairs[kind] += sum(float(executed_pairs(m, mask).sum()) for m in of_kind) / len(of_kind)
@@ -53,22 +92,38 @@ class Evaluation(L.LightningModule):
             if self.expert_use is not None:
                 masks = [m.last_mask for m in moes if m.kind == "ffn"]
                 self.expert_use.update(masks, mask, batch.get("pixel_values"))
-        else:
-            self.macs_sum += float(dense_macs(self.adapter, tokens, self.dims).sum())
+
+    @property
+    def examples(self) -> dict[str, np.ndarray]:
+        """Per example, in the split's evaluation order (EXAMPLE_KEYS; the fidelity's only with a
+        reference): float64 [N] each."""
+        return {k: torch.cat(v).numpy() for k, v in self.parts.items() if v}
+
+    def total(self, key: str) -> float:
+        return float(sum(float(v.sum()) for v in self.parts[key]))
 
     @property
     def value(self) -> float:
         """The metric over the split: accuracy over samples, or loss over target tokens."""
-        return self.metric_sum / self.metric_count
+        return self.total("sum") / self.total("count")
+
+    @property
+    def samples(self) -> int:
+        return sum(len(v) for v in self.parts["count"])
 
     @property
     def macs(self) -> float:
-        return self.macs_sum / self.samples
+        return self.total("macs") / self.samples
 
     @property
     def dense_macs(self) -> float:
         """Mean MACs of the dense model on the same samples: the denominator of rel_cost."""
-        return self.dense_macs_sum / self.samples
+        return self.total("dense_macs") / self.samples
+
+    @property
+    def fidelity(self) -> float | None:
+        """Agreement with the dense reference (classification) or mean KL from it (language models)."""
+        return self.total("fidelity_sum") / self.total("fidelity_count") if self.parts["fidelity_count"] else None
 
     @property
     def rel_cost(self) -> float:

@@ -48,7 +48,7 @@ class TaskTraining(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self.val_sum = self.val_count = 0.0
+        self.val_sum = self.val_count = self.val_loss_sum = 0.0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         mask = self.adapter.token_mask(batch)
@@ -56,6 +56,8 @@ class TaskTraining(L.LightningModule):
             logits = self.adapter.forward(self.model, batch)
         total, count = self.task.score(logits, batch, mask)
         self.val_sum, self.val_count = self.val_sum + total, self.val_count + count
+        if self.task.metric != "loss":  # the loss too: it breaks ties of the metric (early_stopping)
+            self.val_loss_sum += float(self.task.loss(logits, batch, mask)) * count
         if acts:  # fraction of exactly-zero FFN activations on real tokens
             zeros = torch.stack([(a[mask.bool()] == 0).float().mean() for a in acts]).mean()
             self.log("val/zero_fraction", zeros, batch_size=len(mask))
@@ -63,6 +65,8 @@ class TaskTraining(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # the metric over the whole split (token-weighted for language models), not a mean of batches
         self.log(f"val/{self.task.metric}", self.val_sum / max(self.val_count, 1), prog_bar=True)
+        if self.task.metric != "loss":
+            self.log("val/loss", self.val_loss_sum / max(self.val_count, 1))
 
     def configure_optimizers(self):
         params = self.model.parameters()
