@@ -21,11 +21,12 @@ import sys
 
 import numpy as np
 
-from d2dmoe.evidence import paired_margins, summarise, t_interval
+from d2dmoe.evidence import t_interval
 from d2dmoe.figures import (
     COST_LABEL,
     TAU_NOTE,
     MissingRuns,
+    compare,
     default_alpha,
     load_runs,
     metric_label,
@@ -36,7 +37,6 @@ from d2dmoe.figures import (
 from d2dmoe.results import TOLERANCE, cheapest_within
 from d2dmoe.results import label as label_of
 
-CHECK_AT = (0.5, 0.75)
 DEFAULT_ALPHA = default_alpha()  # the phases' D2DMoE: the built-in default's alpha
 ABLATIONS = {
     "phases": ("phase by phase", {
@@ -90,10 +90,8 @@ def main(argv=None) -> int:
         if previous is not None:
             prev_label, prev_runs, prev_rule = previous
             seeds = sorted(set(by_seed) & set(prev_runs))
-            pairs = [(by_seed[s].test_curve(rule), prev_runs[s].test_curve(prev_rule)) for s in seeds]
-            grid = np.union1d(np.linspace(0.0, 1.2, 241), CHECK_AT)
-            arm["minus_previous"] = {"previous": prev_label, "seeds": seeds,
-                                     **summarise(paired_margins(pairs, grid, args.resamples), CHECK_AT)}
+            arm["minus_previous"] = {"previous": prev_label, "seeds": seeds, **compare(
+                [(by_seed[s], rule, prev_runs[s], prev_rule) for s in seeds], args.resamples)}
             at = arm["minus_previous"]["at"]
             print("  minus " + prev_label + ": " + "; ".join(
                 f"at {c}: " + (f"{r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" if r and r["lo"] is not None
@@ -102,10 +100,11 @@ def main(argv=None) -> int:
         previous = (label, by_seed, rule)
         if args.ablation == "expert_size":
             label += f" of {first.setting['expert_size']}"
+        color = None  # the first seed's line takes the next colour, the others the same
         for i, run in enumerate(by_seed.values()):
             curve = run.curve(rule)
             line, = ax.plot([p["rel_cost"] for p in curve], [p["value"] for p in curve], "o-", ms=3,
-                            label=label if i == 0 else None, **({"color": color} if i else {}))
+                            label=label if i == 0 else None, color=color)
             color = line.get_color()
     first = next(iter(next(iter(arms.values())).values()))
     ax.plot([1.0], [first.dense["value"]], "k*", ms=12, label="dense")

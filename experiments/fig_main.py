@@ -30,20 +30,18 @@ import sys
 
 import numpy as np
 
-from d2dmoe.evidence import curve_band, describe, paired_margins, summarise, t_interval
-from d2dmoe.figures import COST_LABEL, TAU_NOTE, MissingRuns, load_runs, metric_label, pyplot, save, select_seeds
+from d2dmoe.evidence import curve_band, describe, t_interval
+from d2dmoe.figures import (COST_GRID, COST_LABEL, TAU_NOTE, MissingRuns, compare, load_runs, metric_label, pyplot, save,
+                            select_seeds)
 from d2dmoe.results import TOLERANCE, cheapest_within
 
 COMMAND = "python run.py -m experiment=fig_main"
 SWEEPS = ("results/fig_main", "results/fig_main_carer", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel each
-CHECK_AT = (0.5, 0.75)
-GRID = np.union1d(np.linspace(0.0, 1.2, 241), CHECK_AT)  # costs the margins are computed at
 
 
 def margins(d2dmoe: dict, moefication: dict, resamples: int) -> dict:
     """D2DMoE minus MoEfication on the seeds both have (paired by seed), summarised."""
-    pairs = [(d2dmoe[s].test_curve("dynk"), moefication[s].test_curve("topk")) for s in sorted(d2dmoe)]
-    out = summarise(paired_margins(pairs, GRID, resamples), CHECK_AT)
+    out = compare([(d2dmoe[s], "dynk", moefication[s], "topk") for s in sorted(d2dmoe)], resamples)
     out["moefication_leads_excluding_0"] = out.pop("b_leads_excluding_0")
     return {"seeds": sorted(d2dmoe), **out}
 
@@ -66,9 +64,9 @@ def cheapest(runs: dict) -> dict:
 def mean_curve(runs: dict, rule: str, resamples: int) -> tuple[np.ndarray, dict]:
     """The mean over seeds of each seed's test frontier, on the costs every seed reaches, with its
     95% bootstrap band over seeds and test examples."""
-    band = curve_band([run.test_curve(rule) for run in runs.values()], GRID, resamples)
+    band = curve_band([run.test_curve(rule) for run in runs.values()], COST_GRID, resamples)
     reached = np.isfinite(band["mean"])
-    return GRID[reached], {k: band[k][reached] for k in ("mean", "lo", "hi")}
+    return COST_GRID[reached], {k: band[k][reached] for k in ("mean", "lo", "hi")}
 
 
 def main(argv=None) -> int:
@@ -128,6 +126,9 @@ def main(argv=None) -> int:
         if len(alphas) > 1:
             s["by_alpha"] = {}
             for a in alphas:
+                if a == alpha:  # the headline, computed above
+                    s["by_alpha"][f"{a:g}"] = s["d2dmoe_minus_moefication"]
+                    continue
                 want = {"model": model, "data": data, "method": "d2dmoe", "rule": "dynk", "alpha": a}
                 by_seed = select_seeds(runs, {"D2DMoE": want}, "fig_main", COMMAND)["D2DMoE"]
                 shared = sorted(set(by_seed) & set(moef))

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2dmoe.figures import MissingRuns, default_alpha, frontier, load_runs, select, value_at
+from d2dmoe.evidence import frontier_at
+from d2dmoe.figures import MissingRuns, default_alpha, frontier, load_runs, select
 from d2dmoe.results import write_examples, write_points
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -88,8 +89,9 @@ def test_frontier_and_interpolation():
     pts = [{"rel_cost": c, "value": v} for c, v in [(0.2, 0.5), (0.4, 0.8), (0.6, 0.7), (1.0, 0.9)]]
     costs, values = frontier(pts, "accuracy")
     assert costs.tolist() == [0.2, 0.4, 1.0] and values.tolist() == [0.5, 0.8, 0.9]  # 0.6 is dominated
-    assert value_at(pts, "accuracy", 0.7) == pytest.approx(0.85)
-    assert np.isnan(value_at(pts, "accuracy", 0.1))
+    c, v = np.array([p["rel_cost"] for p in pts]), np.array([p["value"] for p in pts])
+    assert frontier_at(c, v, "accuracy", np.array([0.7]))[0] == pytest.approx(0.85)
+    assert np.isnan(frontier_at(c, v, "accuracy", np.array([0.1]))[0])
     assert frontier(pts, "loss")[0].tolist() == [0.2]  # for a loss, lower is better
 
 

@@ -24,13 +24,13 @@ from torch import nn
 
 from .cost import expert_macs
 from .moe import AllExperts, DynamicKGate, moe_layers, set_gate, set_layer_taus
+from .tasks import kl_divergence
 
 
 def output_divergence(reference: torch.Tensor, logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Summed KL(softmax(reference) || softmax(logits)) over samples ([B, C] logits) or over real
     tokens ([B, T, V] logits, real [B, T])."""
-    ref, out = reference.float().log_softmax(-1), logits.float().log_softmax(-1)
-    kl = (ref.exp() * (ref - out)).sum(-1).clamp_min(0)  # [B] or [B, T]; >= 0 but for rounding
+    kl = kl_divergence(reference, logits)  # [B] or [B, T]
     return kl[real.bool()].sum() if kl.dim() == 2 else kl.sum()
 
 

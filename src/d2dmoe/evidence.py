@@ -4,7 +4,7 @@ bootstrap comparisons of two curves over test examples and seeds, and choices ma
 A curve is a run's converted points of one selection rule, with each point's per-example sums
 (results.py, examples.npz): resampling examples recomputes every point's metric and rel_cost
 exactly as the evaluation would have on the resampled split. Curves are compared on their Pareto
-frontiers, linearly interpolated (figures.frontier), as the figures draw them.
+frontiers (`pareto`), linearly interpolated, as the figures draw them.
 """
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ class Curve:
         return costs[0], values[0]
 
 
-def frontier_at(costs: np.ndarray, values: np.ndarray, metric: str, at: np.ndarray) -> np.ndarray:
-    """The Pareto frontier of points (costs [P], values [P]) linearly interpolated at `at`; NaN
-    outside [the cheapest point's cost, the dearest's]."""
+def pareto(costs: np.ndarray, values: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The Pareto frontier of points (costs [P], values [P]): each point better than every cheaper
+    one, cheapest first, as (costs, values) arrays."""
     s = sign(metric)  # compare as "higher is better"
     order = np.argsort(costs, kind="stable")
     keep_c, keep_v = [], []
@@ -71,6 +71,13 @@ def frontier_at(costs: np.ndarray, values: np.ndarray, metric: str, at: np.ndarr
         if not keep_v or s * v > s * keep_v[-1]:
             keep_c.append(c)
             keep_v.append(v)
+    return np.array(keep_c), np.array(keep_v)
+
+
+def frontier_at(costs: np.ndarray, values: np.ndarray, metric: str, at: np.ndarray) -> np.ndarray:
+    """The Pareto frontier of points (costs [P], values [P]) linearly interpolated at `at`; NaN
+    outside [the cheapest point's cost, the dearest's]."""
+    keep_c, keep_v = pareto(costs, values, metric)
     out = np.interp(at, keep_c, keep_v)
     out[(at < keep_c[0]) | (at > costs.max())] = np.nan
     return out

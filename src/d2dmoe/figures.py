@@ -4,6 +4,7 @@ ones) with the tuned settings chosen on validation, seed by seed, comparing accu
 and saving PNG + PDF."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from .cli import CONF
-from .evidence import Curve, frontier_at, validation_score
+from .evidence import Curve, paired_margins, pareto, summarise, validation_score
 from .results import read_examples, read_points, read_stats
-from .tasks import sign
 
 COST_LABEL = "relative cost (MACs per sample / dense MACs)"
 TAU_NOTE = "dynamic-k: expert e runs iff $r_e \\geq \\tau \\max_j r_j$"
@@ -22,6 +22,8 @@ SETTING_KEYS = ("model", "data", "method", "router", "alpha", "activation", "num
                 "attention")
 # settings a sweep searches per method and seed; a figure takes, per seed, the value best on validation
 TUNED_KEYS = ("router_lr", "router_epochs")
+CHECK_AT = (0.5, 0.75)  # the rel_costs every comparison of two curves reports
+COST_GRID = np.union1d(np.linspace(0.0, 1.2, 241), CHECK_AT)  # the costs comparisons are computed at
 
 
 def default_alpha() -> float:
@@ -69,15 +71,17 @@ class Run:
         ids = [i for i, p in enumerate(self.points) if p["rule"] == rule]
         return sorted(ids, key=lambda i: self.points[i]["rel_cost"])
 
-    def examples(self, split: str = "test") -> dict:
+    @functools.cached_property
+    def examples(self) -> dict:
+        """{split: {key: [points, N]}} from examples.npz, read once."""
         if not (self.dir / "examples.npz").exists():
             raise MissingRuns(f"{self.dir} has no examples.npz (made before per-example results were saved): "
                               "run it again for confidence intervals")
-        return read_examples(self.dir)[split]
+        return read_examples(self.dir)
 
     def test_curve(self, rule: str) -> Curve:
         """The rule's points on the test split, per example (evidence.Curve)."""
-        return Curve.of(self.points, self.examples("test"), self.rows(rule))
+        return Curve.of(self.points, self.examples["test"], self.rows(rule))
 
     def validation(self, rule: str) -> tuple[np.ndarray, np.ndarray]:
         """(val_rel_cost, val_value) of the rule's points."""
@@ -164,23 +168,17 @@ def select_seeds(runs: list[Run], wanted: dict[str, dict], figure: str, command:
     return {label: {s: r for s, r in by_seed.items() if s in shared} for label, by_seed in found.items()}
 
 
+def compare(pairs: list[tuple[Run, str, Run, str]], resamples: int) -> dict:
+    """Run A's curve of its rule minus run B's (positive = A better) on test, one (A, rule, B, rule)
+    per seed, at COST_GRID with paired bootstrap intervals, summarised at CHECK_AT and the worst cost
+    (evidence.paired_margins, evidence.summarise)."""
+    curves = [(a.test_curve(rule_a), b.test_curve(rule_b)) for a, rule_a, b, rule_b in pairs]
+    return summarise(paired_margins(curves, COST_GRID, resamples), CHECK_AT)
+
+
 def frontier(points: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
     """The Pareto frontier (best metric at each cost or less), as (rel_cost, value) arrays."""
-    s = sign(metric)  # compare as "higher is better"
-    costs, values = [], []
-    for p in sorted(points, key=lambda p: p["rel_cost"]):
-        if not values or s * p["value"] > s * values[-1]:
-            costs.append(p["rel_cost"])
-            values.append(p["value"])
-    return np.array(costs), np.array(values)
-
-
-def value_at(points: list[dict], metric: str, cost: float) -> float:
-    """The frontier's metric at `cost`, linearly interpolated; NaN outside the curve's range."""
-    c, v = frontier(points, metric)
-    if len(c) == 0 or cost < c[0] or cost > max(p["rel_cost"] for p in points):
-        return float("nan")
-    return float(np.interp(cost, c, v))
+    return pareto(np.array([p["rel_cost"] for p in points]), np.array([p["value"] for p in points]), metric)
 
 
 def metric_label(metric: str) -> str:

@@ -78,13 +78,18 @@ class LanguageModeling(Task):
 
     def fidelity_per_example(self, logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor):
         """[B] summed KL(reference || logits) over the targets that count, and [B] their number."""
-        ref, out = reference[:, :-1].float().log_softmax(-1), logits[:, :-1].float().log_softmax(-1)
-        kl = (ref.exp() * (ref - out)).sum(-1).clamp_min(0)  # [B, T-1]; >= 0 but for rounding
+        kl = kl_divergence(reference[:, :-1], logits[:, :-1])  # [B, T-1]
         valid = self.targets(mask)
         return (kl * valid).sum(-1).double(), valid.sum(-1).double()
 
     def extra(self, value: float) -> dict:
         return {"perplexity": float(torch.tensor(value).exp())}
+
+
+def kl_divergence(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(reference) || softmax(logits)) over the last axis: [..., V] -> [...], >= 0."""
+    ref, out = reference.float().log_softmax(-1), logits.float().log_softmax(-1)
+    return (ref.exp() * (ref - out)).sum(-1).clamp_min(0)  # >= 0 but for rounding
 
 
 TASKS = {task.metric: task for task in (Classification(), LanguageModeling())}

@@ -31,10 +31,12 @@ class Reference(nn.Module):
         self.kept: dict[tuple[str, int], torch.Tensor] = {}
 
     @torch.no_grad()
-    def logits(self, split: str, batch_idx: int, batch: dict) -> torch.Tensor:
+    def logits(self, split: str, batch_idx: int, batch: dict, own: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference's logits for a batch; `own`: those the reference model itself just gave for it
+        (when the reference is the model evaluated), taken instead of a second forward."""
         if (split, batch_idx) in self.kept:
             return self.kept[split, batch_idx]
-        out = self.adapter.forward(self.model.eval(), batch)
+        out = own.detach() if own is not None else self.adapter.forward(self.model.eval(), batch)
         if out.dim() == 2:
             self.kept[split, batch_idx] = out
         return out
@@ -82,7 +84,9 @@ class Evaluation(L.LightningModule):
         self.keep(sum=sums, count=counts, dense_macs=dense,
                   macs=moe_model_macs(self.adapter, self.model, mask, self.dims) if moes else dense)
         if self.reference is not None:
-            agree, over = task.fidelity_per_example(logits, self.reference.logits(self.split, batch_idx, batch), mask)
+            own = logits if self.reference.model is self.model else None  # the dense point: no second forward
+            reference = self.reference.logits(self.split, batch_idx, batch, own)
+            agree, over = task.fidelity_per_example(logits, reference, mask)
             self.keep(fidelity_sum=agree, fidelity_count=over)
         if moes:
             for kind in self.pairs:
