@@ -19,13 +19,11 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
-from d2dmoe.evidence import t_interval
 from d2dmoe.figures import (
     COST_LABEL,
     TAU_NOTE,
     MissingRuns,
+    cheapest_by_seed,
     compare,
     default_alpha,
     load_runs,
@@ -34,8 +32,6 @@ from d2dmoe.figures import (
     save,
     select_seeds,
 )
-from d2dmoe.results import TOLERANCE, cheapest_within
-from d2dmoe.results import label as label_of
 
 DEFAULT_ALPHA = default_alpha()  # the phases' D2DMoE: the built-in default's alpha
 ABLATIONS = {
@@ -79,14 +75,14 @@ def main(argv=None) -> int:
     summary, previous = {}, None
     for label, by_seed in arms.items():
         rule = wanted[label]["rule"]
-        chosen = [cheapest_within([run.dense, *run.curve(rule)]) for run in by_seed.values()]
-        costs = t_interval([p["rel_cost"] for p in chosen if p])
+        cheapest = cheapest_by_seed(by_seed, rule)
+        costs = cheapest["rel_cost"]
         first = next(iter(by_seed.values()))
-        print(f"{label}: lowest rel_cost within {TOLERANCE[first.dense['metric']]:g} of dense (chosen on validation; "
-              f"test, {len(by_seed)} seed(s)): "
-              + (f"{costs['mean']:.3f} ({', '.join(label_of(p) for p in chosen if p)}, "
-                 f"{np.mean([p['value'] for p in chosen if p]):.4f})" if costs["n"] else "none"))
-        arm = {"seeds": sorted(by_seed), "cheapest_within_rel_cost": costs}
+        value = cheapest["value"]
+        print(f"{label}: lowest rel_cost within {cheapest['tolerance']:g} of dense, chosen on validation "
+              f"({len(by_seed)} seed(s), test): "
+              + (f"{costs['mean']:.3f} at {value['mean']:.4f}" if costs["n"] else "none"))
+        arm = {"seeds": sorted(by_seed), "cheapest_within": cheapest}
         if previous is not None:
             prev_label, prev_runs, prev_rule = previous
             seeds = sorted(set(by_seed) & set(prev_runs))

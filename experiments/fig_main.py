@@ -31,9 +31,19 @@ import sys
 import numpy as np
 
 from d2dmoe.evidence import curve_band, describe, t_interval
-from d2dmoe.figures import (COST_GRID, COST_LABEL, TAU_NOTE, MissingRuns, compare, load_runs, metric_label, pyplot, save,
-                            select_seeds)
-from d2dmoe.results import TOLERANCE, cheapest_within
+from d2dmoe.figures import (
+    COST_GRID,
+    COST_LABEL,
+    TAU_NOTE,
+    MissingRuns,
+    cheapest_by_seed,
+    compare,
+    load_runs,
+    metric_label,
+    pyplot,
+    save,
+    select_seeds,
+)
 
 COMMAND = "python run.py -m experiment=fig_main"
 SWEEPS = ("results/fig_main", "results/fig_main_carer", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel each
@@ -44,21 +54,6 @@ def margins(d2dmoe: dict, moefication: dict, resamples: int) -> dict:
     out = compare([(d2dmoe[s], "dynk", moefication[s], "topk") for s in sorted(d2dmoe)], resamples)
     out["moefication_leads_excluding_0"] = out.pop("b_leads_excluding_0")
     return {"seeds": sorted(d2dmoe), **out}
-
-
-def cheapest(runs: dict) -> dict:
-    """Per seed, D2DMoE's cheapest point within the tolerance of dense, chosen on validation; then
-    over seeds."""
-    rows = {}
-    for seed, run in sorted(runs.items()):
-        p = cheapest_within([run.dense, *run.curve("dynk")])
-        rows[seed] = None if p is None else {
-            "tau": p["tau"], "val_rel_cost": p["val_rel_cost"], "val_value": p["val_value"],
-            "rel_cost": p["rel_cost"], "value": p["value"], "minus_dense": p["value"] - run.dense["value"]}
-    found = [r for r in rows.values() if r]
-    return {"tolerance": TOLERANCE[next(iter(runs.values())).dense["metric"]], "per_seed": rows,
-            "seeds_without": [s for s, r in rows.items() if r is None],
-            **{k: t_interval([r[k] for r in found]) for k in ("rel_cost", "value", "minus_dense")}}
 
 
 def mean_curve(runs: dict, rule: str, resamples: int) -> tuple[np.ndarray, dict]:
@@ -121,7 +116,7 @@ def main(argv=None) -> int:
         s = {"metric": metric, "split": "test", "seeds": seeds, "alpha": alpha, "dense": dense,
              "chosen": {"d2dmoe": {str(k): r.tuned for k, r in d2d.items()},
                         "moefication": {str(k): r.tuned for k, r in moef.items()}},
-             "cheapest_within": cheapest(d2d),
+             "cheapest_within": cheapest_by_seed(d2d, "dynk"),
              "d2dmoe_minus_moefication": margins(d2d, moef, args.resamples)}
         if len(alphas) > 1:
             s["by_alpha"] = {}

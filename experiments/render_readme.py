@@ -32,6 +32,7 @@ END = "<!-- results:end -->"
 MAIN_JSON = "figures/fig_main_default.json"
 MAIN_FIGURE = "figures/fig_main_default.png"
 WALLCLOCK_JSON = "benchmark/bench_wallclock.json"
+CHOSEN_JSON = "figures/choose_sparsity.json"
 BENCHMARK_DIR = "benchmark"
 
 # The split each script measures on, for JSON files that do not say. benchmark.py and fig_main.py read
@@ -90,6 +91,32 @@ def main_figure(root: Path) -> list[str]:
                 "freedom, so they are wide; the bootstrap intervals of the margins also resample the test examples, "
                 "on which the seeds are paired.",
                 ""]
+    return out
+
+
+def chosen_defaults(root: Path) -> list[str]:
+    """How the default's sparsity settings were chosen, from experiments/choose_on_validation.py's JSON."""
+    if not (root / CHOSEN_JSON).exists():
+        return []
+    data = json.loads((root / CHOSEN_JSON).read_text())
+    keys, metric, test = data["keys"], data["metric"], data["chosen_test"]
+    out = [f"The default's {' and '.join(f'`{k}`' for k in keys)} were chosen on validation: `python run.py -m "
+           f"experiment=choose_sparsity && python experiments/choose_on_validation.py` (`{CHOSEN_JSON}`). Each "
+           f"setting's score is its lowest validation rel_cost whose validation {metric} is within the bar "
+           f"({bar(metric, test['tolerance'])}, against its own dense reference), averaged over seeds (lower is "
+           "better; a seed with no such point counts as 1).",
+           "", "| " + " | ".join(f"`{k}`" for k in keys) + " | seeds | validation score (per seed) |",
+           "|" + "---|" * (len(keys) + 2)]
+    for row in data["settings"]:
+        per_seed = ", ".join(f"{c:.3f}" for c in row["val_rel_cost_per_seed"])
+        out.append("| " + " | ".join(f"{row[k]:g}" for k in keys)
+                   + f" | {', '.join(map(str, row['seeds']))} | {row['val_rel_cost']:.3f} ({per_seed}) |")
+    chosen = ", ".join(f"`{k}={v:g}`" for k, v in data["chosen"].items())
+    found = test["rel_cost"]["n"]
+    out += ["", f"Chosen: {chosen}. Its chosen points on the test split: "
+            + (f"rel_cost {describe(test['rel_cost'], 'cost', metric)}, {metric} minus dense "
+               f"{describe(test['minus_dense'], 'margin', metric)} ({found} seed(s))." if found
+               else "none within the bar."), ""]
     return out
 
 
@@ -172,7 +199,7 @@ def render(root: Path = ROOT) -> str:
     """The block's text between the markers (the markers excluded)."""
     lines = ["<!-- made by `python experiments/render_readme.py` from the JSON files named below: "
              "edit those (or the script), not this block -->", "",
-             *main_figure(root), *wallclock(root), *benchmarks(root)]
+             *main_figure(root), *chosen_defaults(root), *wallclock(root), *benchmarks(root)]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -205,7 +205,9 @@ def test_fig_ablations(ablation, tmp_path, capsys):
     fig.main([ablation, "--results", str(sweep), "--out", str(tmp_path)])
     assert outputs(tmp_path, f"fig_ablation_{ablation}")
     # dense 0.9: within 1 point only tau 0 (rel_cost 1.0), for every run
-    assert capsys.readouterr().out.count("within 0.01 of dense (chosen on validation; test, 1 seed(s)): 1.000 (") \
+    summary = json.loads((tmp_path / f"fig_ablation_{ablation}.json").read_text())
+    assert [arm["cheapest_within"]["rel_cost"]["mean"] for arm in summary.values()] == [1.0] * len(ABLATION_RUNS[ablation])
+    assert capsys.readouterr().out.count("within 0.01 of dense, chosen on validation (1 seed(s), test): 1.000 at 0.9000") \
         == len(ABLATION_RUNS[ablation])
     (sweep / "0" / "points.jsonl").unlink()
     with pytest.raises(SystemExit, match=f"fig_ablation_{ablation}: missing runs"):
@@ -230,3 +232,30 @@ def test_fig_wallclock(tmp_path):
     assert outputs(tmp_path, "fig_wallclock")
     with pytest.raises(SystemExit, match="bench_wallclock.py"):
         script("fig_wallclock").main(["--input", str(tmp_path / "none.json"), "--out", str(tmp_path)])
+
+
+def test_choose_on_validation_ignores_test(tmp_path):
+    """Two alphas, two seeds: validation favours 0.01 (within 1 point at rel_cost 0.5), test would favour
+    0.001 (within at 0.3); the choice and its score come from validation only."""
+    sweep = tmp_path / "sweep"
+    curves = {0.001: ([(0.0, 1.0, 0.9), (0.3, 0.5, 0.9), (1.0, 0.3, 0.9)], [(1.0, 0.9), (0.5, 0.85), (0.3, 0.7)]),
+              0.01: ([(0.0, 1.0, 0.9), (0.3, 0.5, 0.8), (1.0, 0.3, 0.7)], [(1.0, 0.9), (0.5, 0.89), (0.3, 0.7)])}
+    job = 0
+    for seed in (0, 1):
+        for alpha, (test, val) in curves.items():
+            run = make_run(sweep / str(job), {"alpha": alpha, "seed": seed}, {"dynk": test}, val={"dynk": val})
+            (run / ".hydra").mkdir()
+            (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nsparsity: {{alpha: {alpha}, epochs: 4}}\n")
+            job += 1
+    (sweep / "multirun.yaml").write_text("hydra:\n  sweeper:\n    params:\n      seed: 0,1\n"
+                                         "      sparsity.alpha: 0.001,0.01\n")
+    script("choose_on_validation").main(["--results", str(sweep), "--out", str(tmp_path / "figures"),
+                                         "--name", "choose_sparsity"])
+    summary = json.loads((tmp_path / "figures" / "choose_sparsity.json").read_text())
+    assert summary["keys"] == ["sparsity.alpha"] and summary["chosen"] == {"sparsity.alpha": 0.01}
+    assert [(s["sparsity.alpha"], s["val_rel_cost"]) for s in summary["settings"]] == [(0.01, 0.5), (0.001, 1.0)]
+    reported = summary["chosen_test"]["per_seed"]
+    assert list(reported) == ["0", "1"] and all(r["rel_cost"] == 0.5 and r["value"] == 0.8 for r in reported.values())
+    readme = "\n".join(script("render_readme").chosen_defaults(tmp_path))  # the README's account of it
+    assert "| 0.01 | 0, 1 | 0.500 (0.500, 0.500) |\n| 0.001 | 0, 1 | 1.000 (1.000, 1.000) |" in readme
+    assert "Chosen: `sparsity.alpha=0.01`. Its chosen points on the test split: rel_cost 0.500" in readme

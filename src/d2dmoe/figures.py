@@ -13,8 +13,15 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from .cli import CONF
-from .evidence import Curve, paired_margins, pareto, summarise, validation_score
-from .results import read_examples, read_points, read_stats
+from .evidence import (
+    Curve,
+    paired_margins,
+    pareto,
+    summarise,
+    t_interval,
+    validation_score,
+)
+from .results import TOLERANCE, cheapest_within, read_examples, read_points, read_stats
 
 COST_LABEL = "relative cost (MACs per sample / dense MACs)"
 TAU_NOTE = "dynamic-k: expert e runs iff $r_e \\geq \\tau \\max_j r_j$"
@@ -174,6 +181,22 @@ def compare(pairs: list[tuple[Run, str, Run, str]], resamples: int) -> dict:
     (evidence.paired_margins, evidence.summarise)."""
     curves = [(a.test_curve(rule_a), b.test_curve(rule_b)) for a, rule_a, b, rule_b in pairs]
     return summarise(paired_margins(curves, COST_GRID, resamples), CHECK_AT)
+
+
+def cheapest_by_seed(runs: dict[int, Run], rule: str) -> dict:
+    """Per seed, the rule's point of lowest validation rel_cost within the tolerance of dense on
+    validation (results.cheapest_within), with its test numbers; then their mean and 95% t-interval
+    over the seeds that have one."""
+    rows = {}
+    for seed, run in sorted(runs.items()):
+        p = cheapest_within([run.dense, *run.curve(rule)])
+        rows[seed] = None if p is None else {
+            "tau": p["tau"], "k": p["k"], "val_rel_cost": p["val_rel_cost"], "val_value": p["val_value"],
+            "rel_cost": p["rel_cost"], "value": p["value"], "minus_dense": p["value"] - run.dense["value"]}
+    found = [r for r in rows.values() if r]
+    return {"tolerance": TOLERANCE[next(iter(runs.values())).dense["metric"]], "per_seed": rows,
+            "seeds_without": [s for s, r in rows.items() if r is None],
+            **{k: t_interval([r[k] for r in found]) for k in ("rel_cost", "value", "minus_dense")}}
 
 
 def frontier(points: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
