@@ -115,7 +115,7 @@ class Distill(nn.Module):
 
 def projection_slots(adapter, model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every attention projection of the model, block by block."""
-    return [slot for block in adapter.blocks(model) for slot in adapter.projection_slots(block)]
+    return adapter.projection_slots(model)
 
 
 def install_projection_mlps(adapter, model: nn.Module, distill: bool = False, init: str = "random",

@@ -92,6 +92,8 @@ CHECKS: dict[str, Rule | str] = {
     "model.tokenizer": "the tokenizer's settings, checked by the tokenizer trainer",
     "model.gguf_file": "a file name inside model.path, named by the loader when missing",
     "model.weights_file": "a file path, named by the loader when missing",
+    "model.layout": "the FFN layout, checked by layouts.Layout.from_config (unknown or missing fields, named) when "
+                    "check_model reads the shapes; wrong paths are named with the block's class",
     # data
     "data._target_": "the data module class Hydra builds",
     "data.name": "a label (artifact names and points)",

@@ -1,10 +1,13 @@
-"""Model-family adapters, one per family; `ADAPTERS` maps `model.family` to its adapter."""
+"""Task adapters; `ADAPTERS` maps `model.family` to its adapter. Where each architecture keeps its
+FFNs is in layouts.py, not in the adapters."""
 from .base import Adapter, Dims
 from .bert import BertAdapter
+from .causal_lm import CausalLMAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .vit import VitAdapter
 
-ADAPTERS = {a.family: a for a in (BertAdapter, GPT2Adapter, LlamaAdapter, VitAdapter)}
+ADAPTERS = {a.family: a for a in (BertAdapter, CausalLMAdapter, GPT2Adapter, LlamaAdapter, VitAdapter)}
 
-__all__ = ["ADAPTERS", "Adapter", "BertAdapter", "Dims", "GPT2Adapter", "LlamaAdapter", "VitAdapter"]
+__all__ = ["ADAPTERS", "Adapter", "BertAdapter", "CausalLMAdapter", "Dims", "GPT2Adapter", "LlamaAdapter",
+           "VitAdapter"]

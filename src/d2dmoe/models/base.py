@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..attention import Fused, linear_rows
 from ..moe import FFN
 from ..tasks import Classification
+from .layouts import Layout, conv1d_to_linear, get, layout_for, parent_and_name, put
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,15 @@ class Dims:
 
 
 class Adapter:
-    """A family's adapter. Each family provides `dims`, `build`, `find_blocks`, `make_ffn`,
-    `ffn_slots` and `fixed_macs` (and `projection_slots` for attention.convert); it may override
-    `tokenizer`, `forward`, `token_mask`, `patch_grid` and `projection_macs`, and the facts below."""
+    """A task's adapter: a transformers text classifier, a transformers causal LM, a timm image
+    classifier. Each provides `dims`, `build` and `fixed_macs`, and may override `tokenizer`,
+    `forward`, `token_mask`, `patch_grid` and `projection_macs`. Where a model keeps its FFNs and
+    attention projections is not code but its architecture's layout (layouts.py), found from the
+    model's config (`model_type`) or given in the model config (`layout`)."""
 
     family = ""
     task = Classification()
-    where = ""  # where the family keeps its blocks, for error messages
+    default_model_type: str | None = None  # the layout of models that carry no config (timm)
     # why attention.convert cannot work for the family, or None when it can
     no_attention_conversion: str | None = None
     # a transformers model: its config.json and tokenizer are saved beside a converted model's
@@ -41,7 +45,8 @@ class Adapter:
     config_in_folder = True
 
     def __init__(self, name: str, path: str | None = None, family: str | None = None, pretrained: bool = True,
-                 config: dict | None = None, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+                 config: dict | None = None, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                 layout: dict | None = None):
         if family is not None and family != self.family:
             raise ValueError(f"model.family={family!r} does not match {type(self).__name__} ({self.family!r})")
         self.name, self.path, self.pretrained = name, path, pretrained
@@ -49,47 +54,97 @@ class Adapter:
         self.attn_implementation = attn_implementation
         # a hub model's own Python code runs only when its config says so (model.trust_remote_code=true)
         self.hub_kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+        self.layout_override = dict(layout) if layout else None
 
-    # -- to be provided by each family ---------------------------------------------------------
-    def find_blocks(self, model: nn.Module) -> list[nn.Module]:
-        raise NotImplementedError
+    # -- where the FFNs are: the layout ----------------------------------------------------------
+    def layout(self, model: nn.Module) -> Layout:
+        """The model's layout: the model config's `layout`, else the table's for its model_type."""
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or self.default_model_type
+        return layout_for(model_type, self.layout_override, f"model class {type(model).__name__}")
 
-    def make_ffn(self, block: nn.Module) -> FFN:
-        """Replace the block's feed-forward network by an equivalent `FFN` (the model's own
-        activation) and return it."""
-        raise NotImplementedError
+    def config_layout(self, config) -> Layout:
+        """The layout of a transformers config's model_type (before any model is built)."""
+        return layout_for(config.model_type, self.layout_override, f"model_type {config.model_type!r}")
 
-    def projection_slots(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
-        """(parent, attribute) of the block's attention projections Q, K, V, O, each a d -> d
-        Linear (or what replaced it); a fused QKV layer is first cut into its parts (attention.Fused)."""
-        raise NotImplementedError(f"the {self.family!r} family does not support attention.convert")
+    def ffn_width(self, config) -> int:
+        """d_ff, read from a transformers config where its layout says (unset: 4 x hidden size)."""
+        return getattr(config, self.config_layout(config).d_ff, None) or 4 * config.hidden_size
 
-    def projection_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
-        """The part of `fixed_macs` that the attention projections make up ([B] -> [B])."""
-        return dims.layers * 4 * tokens.double() * dims.d**2
-
-    # -- shared ----------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> list[nn.Module]:
+        layout = self.layout(model)
         try:
-            return list(self.find_blocks(model))
+            return list(get(model, layout.blocks))
         except AttributeError as err:
-            from . import ADAPTERS
-
             raise ValueError(
-                f"model class {type(model).__name__}: the {self.family!r} adapter looks for its FFNs in "
-                f"{self.where} and cannot find them ({err}); adapters that exist: {sorted(ADAPTERS)} "
-                "(set model.family and model._target_ to the one matching your model)") from err
+                f"model class {type(model).__name__}: its layout looks for the blocks in model.{layout.blocks} and "
+                f"cannot find them ({err}); give the right paths in the model config's `layout` "
+                "(fields: d2dmoe.models.layouts.Layout)") from err
+
+    def make_ffn(self, block: nn.Module, layout: Layout) -> FFN:
+        """Put an equivalent `FFN` (the model's own activation) where the layout says, and return it."""
+        try:
+            w2, act = get(block, layout.w2), get(block, layout.act)
+            if layout.gate_up:
+                fused = get(block, layout.gate_up)
+                half = fused.out_features // 2
+                w1, up = (linear_rows(fused.weight, fused.bias, slice(i * half, (i + 1) * half)) for i in (0, 1))
+            else:
+                w1, up = get(block, layout.w1), (get(block, layout.up) if layout.up else None)
+            replaced = get(block, layout.ffn)
+            then = [get(replaced, p) for p in layout.then]
+        except AttributeError as err:
+            raise ValueError(f"block class {type(block).__name__}: the layout's FFN paths do not match it ({err}); "
+                             f"looked for {layout}") from err
+        if layout.conv1d:
+            w1, w2 = conv1d_to_linear(w1), conv1d_to_linear(w2)
+        ffn = FFN(w1, w2, act, up=up)
+        put(block, layout.ffn, nn.Sequential(ffn, *then) if then else ffn)
+        for path in layout.identity:
+            put(block, path, nn.Identity())
+        return ffn
 
     def install_ffns(self, model: nn.Module, activation: nn.Module | None = None) -> nn.Module:
         """Put an `FFN` in each block (blocks that have one keep it). activation=None keeps the
         model's own; otherwise a copy of it goes in every FFN."""
+        layout = self.layout(model)
         for block in self.blocks(model):
             ffn = next((m for m in block.modules() if isinstance(m, FFN) and m.kind == "ffn"), None)
             if ffn is None:
-                ffn = self.make_ffn(block)
+                ffn = self.make_ffn(block, layout)
             if activation is not None:
                 ffn.act = copy.deepcopy(activation)
         return model
+
+    def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(parent, attribute) of each block's FFN, for swapping it for an MoE."""
+        layout = self.layout(model)
+        return [(get(block, layout.ffn), "0") if layout.then else parent_and_name(block, layout.ffn)
+                for block in self.blocks(model)]
+
+    def projection_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(parent, attribute) of every attention projection Q, K, V, O (each a d -> d Linear, or
+        what replaced it), block by block; a fused QKV layer is first cut into its parts (Fused)."""
+        layout = self.layout(model)
+        if layout.projections is None or self.no_attention_conversion:
+            raise NotImplementedError(f"attention.convert is not supported for {type(model).__name__}: "
+                                      f"{self.no_attention_conversion or 'its layout names no d -> d projections'}")
+        slots = []
+        for block in self.blocks(model):
+            if layout.qkv:
+                qkv = get(block, layout.qkv)
+                if not isinstance(qkv, Fused):
+                    qkv = Fused.from_linear(conv1d_to_linear(qkv) if layout.conv1d else qkv, 3)
+                    put(block, layout.qkv, qkv)
+                slots += qkv.slots()
+            for path in layout.projections:
+                if layout.conv1d and type(get(block, path)).__name__ == "Conv1D":
+                    put(block, path, conv1d_to_linear(get(block, path)))
+                slots.append(parent_and_name(block, path))
+        return slots
+
+    def projection_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """The part of `fixed_macs` that the attention projections make up ([B] -> [B])."""
+        return dims.layers * 4 * tokens.double() * dims.d**2
 
     def tokenizer(self, data=None):
         """The tokenizer the data is encoded with; None for models that take no text."""

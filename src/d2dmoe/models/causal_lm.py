@@ -18,9 +18,9 @@ class CausalLMAdapter(Adapter):
     gguf_file: a GGUF file inside `path` to load weights and tokenizer from (dequantised to float32).
     """
 
+    family = "causal_lm"
     task = LanguageModeling()
     config_class = ""  # transformers config class for models built from a config
-    ffn_matrices = 2
 
     def __init__(self, *args, tokenizer: dict | None = None, gguf_file: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -70,10 +70,8 @@ class CausalLMAdapter(Adapter):
     def dims(self, num_labels: int | None = None) -> Dims:
         """num_labels is ignored: a language model's head outputs the vocabulary."""
         c = self.hf_config()
-        return Dims(c.num_hidden_layers, c.hidden_size, self.ffn_width(c), c.vocab_size, self.ffn_matrices)
-
-    def ffn_width(self, c) -> int:
-        return c.intermediate_size
+        matrices = 3 if self.config_layout(c).gated else 2
+        return Dims(c.num_hidden_layers, c.hidden_size, self.ffn_width(c), c.vocab_size, matrices)
 
     def build(self, num_labels: int | None = None, weights: bool = True) -> nn.Module:
         from transformers import AutoModelForCausalLM

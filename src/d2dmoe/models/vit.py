@@ -7,7 +7,6 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from ..attention import Fused
 from ..moe import FFN
 from .base import Adapter, Dims
 
@@ -19,7 +18,7 @@ class VitAdapter(Adapter):
     attn_implementation `eager` makes attention explicit matmuls (timm's non-fused path)."""
 
     family = "vit"
-    where = "model.blocks[i].mlp (timm Mlp: fc1, act, fc2)"
+    default_model_type = "timm_vit"  # layouts.LAYOUTS: FFNs in blocks[i].mlp (fc1, act, fc2)
     config_in_folder = False  # timm: the architecture is the adapter's settings, no config file
 
     def __init__(self, *args, weights_file: str | None = None, **kwargs):
@@ -66,28 +65,14 @@ class VitAdapter(Adapter):
     def build(self, num_labels: int, weights: bool = True) -> nn.Module:
         return self.create(num_labels, pretrained=self.pretrained and weights)
 
-    def find_blocks(self, model: nn.Module) -> list[nn.Module]:
-        return model.blocks
-
-    def make_ffn(self, block: nn.Module) -> FFN:
-        """The block's `mlp` becomes an FFN. timm's Mlp also holds dropouts and an optional norm
-        between the layers: only the plain form (no norm, dropout 0) converts exactly."""
+    def make_ffn(self, block: nn.Module, layout) -> FFN:
+        """timm's Mlp also holds dropouts and an optional norm between the layers: only the plain form
+        (no norm, dropout 0) converts exactly."""
         mlp = block.mlp
         if not isinstance(mlp.norm, nn.Identity) or mlp.drop1.p or mlp.drop2.p:
             raise ValueError(f"{type(mlp).__name__}: only timm Mlp blocks without a hidden norm or "
                              "dropout convert exactly (set drop_rate=0)")
-        block.mlp = FFN(mlp.fc1, mlp.fc2, mlp.act)
-        return block.mlp
-
-    def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
-        return [(block, "mlp") for block in self.blocks(model)]
-
-    def projection_slots(self, block: nn.Module) -> list[tuple[nn.Module, str]]:
-        """qkv (Linear d -> 3d) becomes Fused(Q, K, V) on first use; proj is O."""
-        attn = block.attn
-        if not isinstance(attn.qkv, Fused):
-            attn.qkv = Fused.from_linear(attn.qkv, 3)
-        return [*attn.qkv.slots(), (attn, "proj")]
+        return super().make_ffn(block, layout)
 
     def forward(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(batch["pixel_values"])  # [B, C]
