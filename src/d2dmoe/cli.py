@@ -1,6 +1,7 @@
 """The `d2dmoe` command.
 
     d2dmoe convert [Hydra overrides] convert.budget=0.5 convert.out=DIR   # convert, pick tau, save
+    d2dmoe convert model.path=/my/model data=carer budget=0.5              # your model: its adapter read from it
     d2dmoe info DIR                                                       # what a saved model is
 
 `convert` is a Hydra job like run.py (the same config groups, reusing the same artifacts): it runs
@@ -34,18 +35,34 @@ def main(argv: list[str] | None = None) -> int:
 
         if not CONF.is_dir():
             sys.exit(f"d2dmoe convert reads the repository's conf/ ({CONF} is missing): install with pip install -e")
-        sys.argv = [sys.argv[0], *argv[1:]]
+        sys.argv = [sys.argv[0], *convert_overrides(argv[1:])]
         hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(convert_job)()
         return 0
     sys.exit(f"usage:\n{USAGE}")
+
+
+# what users type for `d2dmoe convert`, and the config key it means
+SHORT_KEYS = {"budget": "convert.budget", "out": "convert.out", "per_layer": "convert.per_layer"}
+
+
+def convert_overrides(args: list[str]) -> list[str]:
+    """The short forms spelled out (budget=0.5 -> convert.budget=0.5); a model.path without a model
+    group reads the model's architecture from the model itself (model=auto)."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        out.append(f"{SHORT_KEYS[key]}={value}" if eq and key in SHORT_KEYS else arg)
+    if any(a.startswith("model.path=") for a in out) and not any(a.startswith(("model=", "+model=")) for a in out):
+        out.insert(0, "model=auto")
+    return out
 
 
 def convert_job(cfg: DictConfig) -> dict:
     from . import pipeline
     from .calibrate import layer_calibration, measure
     from .export import choose_tau, model_spec, save
-    from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
     from .job import quiet_libraries
+    from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
     from .validate import check_config
 
     check_config(cfg)  # the convert.* keys among them

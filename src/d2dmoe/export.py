@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .architecture import build
+from .models.detect import resolved
 from .moe import DynamicKGate, moe_layers, set_gate, set_impl, set_layer_taus
 from .tasks import sign
 
@@ -107,6 +108,7 @@ def model_spec(model_cfg: dict, moe: nn.Module, num_labels: int | None, activati
     """What `load` needs to rebuild `moe`: the adapter, from the run's `model` config group, and the
     architecture's description (architecture.py), read off the model."""
     ffn, projections = moe_layers(moe, "ffn"), moe_layers(moe, "attention")
+    model_cfg = resolved(model_cfg)  # model=auto: the adapter it chose
     adapter = {k: v for k, v in model_cfg.items() if k not in HUB_ONLY_KEYS}
     adapter["pretrained"] = False  # the weights come from the folder
     return {"family": model_cfg["family"], "adapter": adapter, "num_labels": num_labels,

@@ -85,7 +85,7 @@ CHECKS: dict[str, Rule | str] = {
     # model
     "model._target_": "the adapter class Hydra builds; Hydra names it when it cannot import it",
     "model.name": "a label (artifact names and points)",
-    "model.family": one_of(ADAPTERS),
+    "model.family": one_of([*ADAPTERS, "auto"]),  # auto: read from the model (models/auto.py)
     "model.pretrained": BOOL,
     "model.path": "read by the adapter, which names model.path when nothing is there (check_model, before compute)",
     "model.config": "the architecture's own settings, checked by its config class when check_model reads the shapes",
@@ -212,7 +212,7 @@ def check_config(cfg: DictConfig) -> None:
             and d.val_fraction + d.test_fraction >= 1:
         raise ConfigError("data.val_fraction", f"with data.test_fraction={d.test_fraction} leaves no training "
                                                f"data (their sum must be < 1), got {d.val_fraction}")
-    if cfg.attention.convert and (reason := ADAPTERS[family].no_attention_conversion):
+    if cfg.attention.convert and family in ADAPTERS and (reason := ADAPTERS[family].no_attention_conversion):
         raise ConfigError("attention.convert", reason)
     r = cfg.routing
     if r.rule in ("dynk", "both") and not r.get("taus"):

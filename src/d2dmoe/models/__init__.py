@@ -3,11 +3,21 @@ FFNs is in layouts.py, not in the adapters."""
 from .base import Adapter, Dims
 from .bert import BertAdapter
 from .causal_lm import CausalLMAdapter
+from .detect import auto
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .vit import VitAdapter
 
 ADAPTERS = {a.family: a for a in (BertAdapter, CausalLMAdapter, GPT2Adapter, LlamaAdapter, VitAdapter)}
 
-__all__ = ["ADAPTERS", "Adapter", "BertAdapter", "CausalLMAdapter", "Dims", "GPT2Adapter", "LlamaAdapter",
-           "VitAdapter"]
+__all__ = [
+           "ADAPTERS",
+           "Adapter",
+           "BertAdapter",
+           "CausalLMAdapter",
+           "Dims",
+           "GPT2Adapter",
+           "LlamaAdapter",
+           "VitAdapter",
+           "auto",
+]
