@@ -21,7 +21,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
-CONF = Path(__file__).resolve().parents[2] / "conf"  # the repository's configs (editable install)
+
+def config_dir() -> Path:
+    """The repository's conf/ (a checkout, an editable install), else the copy a built package
+    carries (a plain `pip install .`: setup.py puts it in d2dmoe/conf)."""
+    repository = Path(__file__).resolve().parents[2] / "conf"
+    return repository if (repository / "config.yaml").is_file() else Path(__file__).resolve().parent / "conf"
+
+
+CONF = config_dir()
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -33,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["convert"]:
         import hydra
 
-        if not CONF.is_dir():
-            sys.exit(f"d2dmoe convert reads the repository's conf/ ({CONF} is missing): install with pip install -e")
+        if not (CONF / "config.yaml").is_file():
+            sys.exit(f"d2dmoe convert: no configs in {CONF} (a package built without them): reinstall with pip install .")
         sys.argv = [sys.argv[0], *convert_overrides(argv[1:])]
         hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(convert_job)()
         return 0
