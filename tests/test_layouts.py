@@ -37,6 +37,10 @@ ARCHITECTURES = {
     "mistral": (CausalLMAdapter, transformers.MistralConfig(**LM, num_key_value_heads=2)),
     "qwen2": (CausalLMAdapter, transformers.Qwen2Config(**LM, num_key_value_heads=2)),
     "gemma": (CausalLMAdapter, transformers.GemmaConfig(**LM, num_key_value_heads=2, head_dim=16)),
+    # OPT's embeddings narrower than the model (word_embed_proj_dim): project_in and project_out
+    "opt": (CausalLMAdapter, transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64,
+                                                    word_embed_proj_dim=16)),
     "phi3": (CausalLMAdapter, transformers.Phi3Config(**LM, num_key_value_heads=2, pad_token_id=0)),
 }
 TRANSFORMERS_LAYOUTS = sorted(set(LAYOUTS) - {"timm_vit"})
@@ -248,3 +252,44 @@ def test_convert_a_new_architecture_end_to_end(model_type, data, tmp_path):
     ev = ctx.test(Evaluation(loaded.model, loaded.adapter, ctx.dims))
     measured = spec["measured"]
     assert (ev.value, ev.macs / ev.dense_macs) == pytest.approx((measured["value"], measured["rel_cost"]))
+
+
+TIMM = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2}
+
+
+@pytest.mark.parametrize("architecture", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_timm_vit_and_distilled_deit(architecture):
+    """timm's layout; the distilled DeiT's second head (on its distillation token) is counted: the
+    measured cost equals FlopCounterMode, where the ViT formula leaves that head out."""
+    adapter = VitAdapter("v", path=architecture, pretrained=False, config=TIMM, attn_implementation="eager")
+    dims = adapter.dims(LABELS)
+    model = adapter.build(LABELS).eval()
+    batch = {"pixel_values": torch.randn(2, 1, 8, 8)}
+    with torch.no_grad():
+        reference = adapter.forward(model, batch)
+        converted = adapter.install_ffns(copy.deepcopy(model), nn.ReLU())
+        split_model(adapter, converted, num_experts=4, router_hidden=8, n_init=1)
+    one = {"pixel_values": batch["pixel_values"][:1]}
+    tokens = torch.tensor([adapter.fixed_tokens])
+    assert dense_macs(adapter, tokens, dims).item() == counted_macs(adapter, model, one)
+    counted = counted_macs(adapter, converted, one)  # the forward the gate masks come from
+    assert moe_model_macs(adapter, converted, adapter.token_mask(one), dims).item() == counted
+    missing = adapter.fixed_macs(tokens, dims) - adapter.analytic_fixed_macs(tokens, dims)
+    assert missing.item() == (dims.d * LABELS if "distilled" in architecture else 0)  # head_dist: d x C
+    with torch.no_grad():  # and with the model's own activation, every expert on equals the original
+        own = adapter.install_ffns(copy.deepcopy(model))
+        split_model(adapter, own, num_experts=4, router_hidden=8, n_init=1)
+        torch.testing.assert_close(adapter.forward(own, batch), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_measured_fixed_cost_equals_the_analytic_formula(model_type, tmp_path):
+    """The measured non-FFN cost (models/measure.py) against the hand-written formulas of BERT and the
+    causal LMs; OPT's embedding projections (16 <-> 32 wide) are what its formula leaves out."""
+    adapter = saved(tmp_path, model_type)
+    dims = adapter.dims(LABELS)
+    tokens = torch.tensor([1.0, 4.0, 9.0, 33.0])
+    measured, analytic = adapter.fixed_macs(tokens, dims), adapter.analytic_fixed_macs(tokens, dims)
+    if model_type == "opt":  # project_in and project_out (2 x 16 x 32 per token); the head is 16 wide, not 32
+        analytic = analytic + tokens * (2 * 16 * 32 - (32 - 16) * VOCAB)
+    assert measured.tolist() == analytic.tolist()

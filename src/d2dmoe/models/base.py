@@ -16,7 +16,16 @@ from torch import nn
 from ..attention import Fused, linear_rows
 from ..moe import FFN
 from ..tasks import Classification
-from .layouts import Layout, conv1d_to_linear, get, layout_for, parent_and_name, put
+from . import measure
+from .layouts import (
+    Layout,
+    Unflatten,
+    conv1d_to_linear,
+    get,
+    layout_for,
+    parent_and_name,
+    put,
+)
 
 
 @dataclass(frozen=True)
@@ -30,8 +39,9 @@ class Dims:
 
 class Adapter:
     """A task's adapter: a transformers text classifier, a transformers causal LM, a timm image
-    classifier. Each provides `dims`, `build` and `fixed_macs`, and may override `tokenizer`,
-    `forward`, `token_mask`, `patch_grid` and `projection_macs`. Where a model keeps its FFNs and
+    classifier. Each provides `dims` and `build`, and may override `tokenizer`, `forward`,
+    `token_mask`, `dummy_batch`, `patch_grid` and `projection_macs`; the non-FFN cost is measured
+    (`fixed_macs`, measure.py). Where a model keeps its FFNs and
     attention projections is not code but its architecture's layout (layouts.py), found from the
     model's config (`model_type`) or given in the model config (`layout`)."""
 
@@ -55,6 +65,7 @@ class Adapter:
         # a hub model's own Python code runs only when its config says so (model.trust_remote_code=true)
         self.hub_kwargs = {"trust_remote_code": True} if trust_remote_code else {}
         self.layout_override = dict(layout) if layout else None
+        self._cost_fits: dict[Dims, tuple[float, float, float]] = {}
 
     # -- where the FFNs are: the layout ----------------------------------------------------------
     def layout(self, model: nn.Module) -> Layout:
@@ -98,7 +109,11 @@ class Adapter:
         if layout.conv1d:
             w1, w2 = conv1d_to_linear(w1), conv1d_to_linear(w2)
         ffn = FFN(w1, w2, act, up=up)
-        put(block, layout.ffn, nn.Sequential(ffn, *then) if then else ffn)
+        module = nn.Sequential(ffn, *then) if then else ffn
+        if layout.flat:
+            module = Unflatten(module)
+            block.register_forward_pre_hook(module.capture, with_kwargs=True)
+        put(block, layout.ffn, module)
         for path in layout.identity:
             put(block, path, nn.Identity())
         return ffn
@@ -118,8 +133,15 @@ class Adapter:
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """(parent, attribute) of each block's FFN, for swapping it for an MoE."""
         layout = self.layout(model)
-        return [(get(block, layout.ffn), "0") if layout.then else parent_and_name(block, layout.ffn)
-                for block in self.blocks(model)]
+        slots = []
+        for block in self.blocks(model):
+            parent, name = parent_and_name(block, layout.ffn)
+            if layout.flat:
+                parent, name = getattr(parent, name), "inner"
+            if layout.then:
+                parent, name = getattr(parent, name), "0"
+            slots.append((parent, name))
+        return slots
 
     def projection_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """(parent, attribute) of every attention projection Q, K, V, O (each a d -> d Linear, or
@@ -141,6 +163,23 @@ class Adapter:
                     put(block, path, conv1d_to_linear(get(block, path)))
                 slots.append(parent_and_name(block, path))
         return slots
+
+    # -- cost ------------------------------------------------------------------------------------
+    fixed_tokens: int | None = None  # models whose every sample has the same token count (images)
+
+    def dummy_batch(self, tokens: int) -> dict:
+        """One sample of `tokens` real tokens, for measuring the cost (measure.py)."""
+        ids = torch.full((1, tokens), 3, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """MACs of everything except the FFNs, per sample with `tokens` real tokens ([B] -> [B]):
+        a0 + a1 T + a2 T^2, measured once per shape with FlopCounterMode (measure.py)."""
+        if dims not in self._cost_fits:
+            self._cost_fits[dims] = tuple(float(a) for a in measure.fit(self, dims))
+        a0, a1, a2 = self._cost_fits[dims]
+        t = tokens.double()
+        return a0 + a1 * t + a2 * t**2
 
     def projection_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
         """The part of `fixed_macs` that the attention projections make up ([B] -> [B])."""

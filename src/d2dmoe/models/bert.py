@@ -35,7 +35,7 @@ class BertAdapter(Adapter):
             return AutoModelForSequenceClassification.from_pretrained(self.path, config=cfg, **self.hub_kwargs)
         return AutoModelForSequenceClassification.from_config(cfg)
 
-    def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+    def analytic_fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
         """MACs of everything except the FFNs, per sample with `tokens` real tokens ([B] -> [B]).
         Per layer: Q, K, V, O projections (4 T d^2) and attention scores and mixing (2 T^2 d);
         then the head on the first token: BERT's pooler (d^2) and classifier (d C), or RoBERTa's and

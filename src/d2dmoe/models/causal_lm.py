@@ -103,7 +103,7 @@ class CausalLMAdapter(Adapter):
         q, kv = self.attention_widths(self.hf_config())
         return dims.layers * tokens.double() * dims.d * (2 * q + 2 * kv)
 
-    def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+    def analytic_fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
         """MACs of everything except the FFNs, per sequence with `tokens` real tokens ([B] -> [B]):
         attention in every layer, then the LM head (d x V per token). Embeddings and norms: no MACs."""
         t = tokens.double()

@@ -38,6 +38,7 @@ class Layout:
     projections: tuple[str, ...] | None = None
     qkv: str | None = None
     conv1d: bool = False  # weights kept as transformers' Conv1D ([in, out]): they become nn.Linear
+    flat: bool = False  # the block flattens its tokens to [B*T, d] before the FFN (OPT): see Unflatten
 
     def __post_init__(self):
         if (self.w1 is None) == (self.gate_up is None):
@@ -83,9 +84,31 @@ LAYOUTS: dict[str, Layout] = {
     "gemma": Layout(**_LLAMA),
     "phi3": Layout(blocks="model.layers", ffn="mlp", gate_up="mlp.gate_up_proj",
                    w2="mlp.down_proj", act="mlp.activation_fn"),
+    # OPT calls fc1, the activation and fc2 one by one, on tokens flattened to [B*T, d]
+    "opt": Layout(blocks="model.decoder.layers", ffn="fc1", w1="fc1", w2="fc2", act="activation_fn",
+                  identity=("activation_fn", "fc2"), d_ff="ffn_dim", flat=True,
+                  projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")),
     "timm_vit": Layout(blocks="blocks", ffn="mlp", w1="mlp.fc1", w2="mlp.fc2", act="mlp.act", d_ff=None,
                        qkv="attn.qkv", projections=("attn.proj",)),
 }
+
+
+class Unflatten(nn.Module):
+    """For blocks that flatten their tokens to [B*T, d] before the FFN (Layout.flat): the FFN inside
+    sees [B, T, d], the shape every token mask and cost is per token of, and the block gets [B*T, d]
+    back. The shape comes from the block's input, read by `capture`, its forward pre-hook."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.shape: tuple[int, ...] | None = None
+
+    def capture(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, d]
+        self.shape = tuple(hidden.shape[:-1])
+
+    def forward(self, x):  # [B*T, d] -> [B*T, d]
+        return self.inner(x.view(*self.shape, x.shape[-1])).reshape(x.shape)
 
 
 def layout_for(model_type: str, override: dict | None, what: str) -> Layout:

@@ -50,6 +50,7 @@ class VitAdapter(Adapter):
         mlp = m.blocks[0].mlp
         return {"layers": len(m.blocks), "d": m.embed_dim, "d_ff": mlp.fc1.out_features,
                 "patches": m.patch_embed.num_patches, "prefix": m.num_prefix_tokens,
+                "image": (conv.in_channels, *m.patch_embed.img_size),
                 "grid": tuple(m.patch_embed.grid_size),
                 "patch_macs": conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels}
 
@@ -57,6 +58,13 @@ class VitAdapter(Adapter):
     def patch_grid(self) -> tuple[int, int, int]:
         """timm puts the prefix tokens (class, registers) first, then the patches row by row."""
         return (self.shape["prefix"], *self.shape["grid"])
+
+    @property
+    def fixed_tokens(self) -> int:
+        return self.shape["patches"] + self.shape["prefix"]
+
+    def dummy_batch(self, tokens: int) -> dict:
+        return {"pixel_values": torch.zeros(1, *self.shape["image"])}
 
     def dims(self, num_labels: int) -> Dims:
         s = self.shape
@@ -83,7 +91,7 @@ class VitAdapter(Adapter):
         return torch.ones(len(batch["pixel_values"]), s["patches"] + s["prefix"], dtype=torch.long,
                           device=batch["pixel_values"].device)
 
-    def fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
+    def analytic_fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
         """MACs of everything except the FFNs per image ([B] token counts -> [B]): the patch
         embedding, then per layer Q, K, V, O (4 T d^2) and attention scores and mixing (2 T^2 d),
         then the classifier on the pooled token (d C)."""
