@@ -81,7 +81,10 @@ LAYOUTS: dict[str, Layout] = {
     "llama": Layout(**_LLAMA),
     "mistral": Layout(**_LLAMA),
     "qwen2": Layout(**_LLAMA),
+    "qwen3": Layout(**_LLAMA),
     "gemma": Layout(**_LLAMA),
+    "gemma2": Layout(**_LLAMA),
+    "gemma3_text": Layout(**_LLAMA),
     "phi3": Layout(blocks="model.layers", ffn="mlp", gate_up="mlp.gate_up_proj",
                    w2="mlp.down_proj", act="mlp.activation_fn"),
     # OPT calls fc1, the activation and fc2 one by one, on tokens flattened to [B*T, d]
