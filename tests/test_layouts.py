@@ -296,3 +296,17 @@ def test_measured_fixed_cost_equals_the_analytic_formula(model_type, tmp_path):
     if model_type == "opt":  # project_in and project_out (2 x 16 x 32 per token); the head is 16 wide, not 32
         analytic = analytic + tokens * (2 * 16 * 32 - (32 - 16) * VOCAB)
     assert measured.tolist() == analytic.tolist()
+
+
+def test_a_layout_that_does_not_fit_stops_before_any_compute(tmp_path):
+    """A wrong path in model.layout: the run stops while its context is built, before the dense
+    phase, naming the block class."""
+    from d2dmoe import pipeline
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=smoke", "model.layout={blocks: bert.encoder.layer, ffn: intermediate, "
+                          "w1: intermediate.fc, w2: output.dense, act: intermediate.intermediate_act_fn}"],
+                         artifacts_dir=tmp_path)
+    with pytest.raises(ValueError, match="block class BertLayer: the layout's FFN paths do not match"):
+        pipeline.build_context(cfg)
+    assert not any(tmp_path.glob("dense-*"))

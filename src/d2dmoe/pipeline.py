@@ -122,6 +122,8 @@ def build_context(cfg: DictConfig, wandb_run=None) -> Context:
     data.prepare_data()
     data.setup()
     dims = adapter.dims(data.num_labels)
+    # the FFN layout fits (tokenizer known: a language model's vocabulary is)
+    adapter.check_layout(data.num_labels if adapter.task.head_from_labels else None, bool(cfg.attention.convert))
     return Context(cfg, adapter, data, dims, wandb_run)
 
 

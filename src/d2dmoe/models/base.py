@@ -130,6 +130,14 @@ class Adapter:
                 ffn.act = copy.deepcopy(activation)
         return model
 
+    def check_layout(self, num_labels: int | None, attention: bool = False) -> None:
+        """Place every FFN (and find the attention projections, with `attention`) in a weightless copy
+        on the meta device: a layout that does not fit the model stops here, before any compute."""
+        with torch.device("meta"):
+            model = self.install_ffns(self.build(num_labels, weights=False))
+            if attention:
+                self.projection_slots(model)
+
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """(parent, attribute) of each block's FFN, for swapping it for an MoE."""
         layout = self.layout(model)
