@@ -304,9 +304,9 @@ def test_a_layout_that_does_not_fit_stops_before_any_compute(tmp_path):
     from d2dmoe import pipeline
     from tests.conftest import compose_config
 
-    cfg = compose_config(["experiment=smoke", "model.layout={blocks: bert.encoder.layer, ffn: intermediate, "
-                          "w1: intermediate.fc, w2: output.dense, act: intermediate.intermediate_act_fn}"],
-                         artifacts_dir=tmp_path)
+    layout = ("model.layout={blocks: bert.encoder.layer, ffn: intermediate, w1: intermediate.fc, w2: output.dense, "
+              "act: intermediate.intermediate_act_fn}")
+    cfg = compose_config(["experiment=smoke", layout], artifacts_dir=tmp_path)
     with pytest.raises(ValueError, match="block class BertLayer: the layout's FFN paths do not match"):
         pipeline.build_context(cfg)
     assert not any(tmp_path.glob("dense-*"))
