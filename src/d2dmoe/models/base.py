@@ -1,9 +1,10 @@
-"""What every model-family adapter shares.
+"""What every adapter shares.
 
-An adapter is the only code that knows a family: it builds the task model (pretrained or from a
-config), puts a family-independent `FFN` in place of each block's feed-forward network, runs the
-model on a batch, and gives the analytic MAC count of everything that is not an FFN. Everything
-downstream (sparsify, split, routers, cost) sees only `FFN`/`MoE`, the adapter and its task.
+An adapter is the only code that knows a kind of model: it builds the task model (pretrained or
+from a config), puts a model-independent `FFN` in place of each block's feed-forward network where
+the architecture's layout says (layouts.py), runs the model on a batch, and measures the MAC count
+of everything that is not an FFN (measure.py). Everything downstream (sparsify, split, routers,
+cost) sees only `FFN`/`MoE`, the adapter and its task.
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ class Adapter:
     """A task's adapter: a transformers text classifier, a transformers causal LM, a timm image
     classifier. Each provides `dims` and `build`, and may override `tokenizer`, `forward`,
     `token_mask`, `dummy_batch`, `patch_grid` and `projection_macs`; the non-FFN cost is measured
-    (`fixed_macs`, measure.py). Where a model keeps its FFNs and
-    attention projections is not code but its architecture's layout (layouts.py), found from the
-    model's config (`model_type`) or given in the model config (`layout`)."""
+    (`fixed_macs`, measure.py). Where a model keeps its FFNs and attention projections is not code
+    but its architecture's layout (layouts.py), found from the model's config (`model_type`) or
+    given in the model config (`layout`)."""
 
     family = ""
     task = Classification()
