@@ -171,3 +171,13 @@ def test_layout_names_every_module():
     assert not missing, f"README.md's Layout does not name {missing}"
     for folder in ("models", "phases"):
         assert f"  {folder}/" in layout
+
+
+def test_targets_are_said_met_or_missed(render):
+    c = {"rel_cost": {"mean": 0.43}}
+    m = {"at": {"0.5": {"mean": 0.01, "lo": -0.001, "hi": 0.02}}, "moefication_leads_excluding_0": None}
+    said = render.targets("minilm/bbc_news", c, m)
+    assert "at most 0.42: missed (0.430)" in said and "above 0: missed" in said and "excludes 0: met" in said
+    m = {"at": {"0.5": {"mean": 0.01, "lo": 0.001, "hi": 0.02}}, "moefication_leads_excluding_0": [0.9, 1.0]}
+    said = render.targets("minilm/carer", {"rel_cost": {"mean": 0.44}}, m)
+    assert "at most 0.45: met (0.440)" in said and "above 0: met" in said and "excludes 0: missed" in said
