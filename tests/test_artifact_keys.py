@@ -13,13 +13,13 @@ from tests.conftest import compose_config, params_needing_smollm2
 # machine installed the packages; the pins fix those paths, so they hold anywhere.
 PINNED_PATHS = ("model.path=/pinned/model", "data.path=/pinned/data")
 PINNED = {
-    (): ["dense-e2b0ff3f3671", "sparsify-c6cc793449d3", "split-4b0b49d92ac0", "routers-4d257f910ae2"],
-    ("experiment=smoke",): ["dense-3cfbe75af0d4", "sparsify-6679558b377b", "split-1b8e0d76bc02",
-                            "routers-bd3ea1b25a2d"],
+    (): ["dense-e2b0ff3f3671", "sparsify-e8b2ee135671", "split-d7570281cb0b", "routers-3e4624c38d84"],
+    ("experiment=smoke",): ["dense-3cfbe75af0d4", "sparsify-cc04374308cd", "split-0f1faa65ddde",
+                            "routers-e92f2cc0c900"],
     ("method=moefication",): ["dense-e2b0ff3f3671", "sparsify-401d77c02656", "split-8a84d3ff45a1",
                               "routers-0e287e58fcad"],
-    ("attention.convert=true",): ["dense-e2b0ff3f3671", "attention-7a84d7093748", "sparsify-6ec792c96599",
-                                  "split-a1beb68d13f0", "routers-32d5a9e1dbd8"],
+    ("attention.convert=true",): ["dense-e2b0ff3f3671", "attention-7a84d7093748", "sparsify-6b1d4707894c",
+                                  "split-1d3117edd20f", "routers-89d0be2da2db"],
     ("experiment=gpt2_bbc",): ["dense-a86047adee24", "sparsify-cb26dc65a442", "split-c5c012f0fac0",
                                "routers-57581ba6758f"],
     ("experiment=vit_fashion",): ["dense-148cb362e790", "sparsify-ac0b1e566066", "split-9950ed3089ff",

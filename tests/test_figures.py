@@ -258,4 +258,4 @@ def test_choose_on_validation_ignores_test(tmp_path):
     assert list(reported) == ["0", "1"] and all(r["rel_cost"] == 0.5 and r["value"] == 0.8 for r in reported.values())
     readme = "\n".join(script("render_readme").chosen_defaults(tmp_path))  # the README's account of it
     assert "| 0.01 | 0, 1 | 0.500 (0.500, 0.500) |\n| 0.001 | 0, 1 | 1.000 (1.000, 1.000) |" in readme
-    assert "Chosen: `sparsity.alpha=0.01`. Its chosen points on the test split: rel_cost 0.500" in readme
+    assert "Chosen: `sparsity.alpha=0.01`. Its score is 0.500 below the next setting's. Its chosen points on the test split: rel_cost 0.500" in readme
