@@ -310,3 +310,12 @@ def test_a_layout_that_does_not_fit_stops_before_any_compute(tmp_path):
     with pytest.raises(ValueError, match="block class BertLayer: the layout's FFN paths do not match"):
         pipeline.build_context(cfg)
     assert not any(tmp_path.glob("dense-*"))
+
+
+def test_measuring_the_cost_leaves_the_random_stream_alone(tmp_path):
+    adapter = saved(tmp_path, "roberta")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    adapter.fixed_macs(torch.tensor([4.0]), adapter.dims(LABELS))  # builds the model (which seeds torch)
+    assert torch.equal(torch.rand(3), expected)

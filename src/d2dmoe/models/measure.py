@@ -29,7 +29,7 @@ def counted_macs(adapter, model, batch: dict) -> int:
 
 def non_ffn_macs(adapter, dims, lengths: list[int], device: str) -> list[int]:
     """Counted MACs of one sample of each token count in `lengths`, less its FFNs."""
-    with torch.device(device):
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # building seeds torch: keep the caller's stream
         model = adapter.build(dims.num_labels if adapter.task.head_from_labels else None, weights=False).eval()
         batches = [adapter.dummy_batch(t) for t in lengths]
     ffn = dims.layers * dims.ffn_matrices * dims.d * dims.d_ff
