@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import numpy as np
@@ -38,6 +39,7 @@ from d2dmoe.figures import (
     MissingRuns,
     cheapest_by_seed,
     compare,
+    default_alpha,
     load_runs,
     metric_label,
     pyplot,
@@ -54,6 +56,15 @@ def margins(d2dmoe: dict, moefication: dict, resamples: int) -> dict:
     out = compare([(d2dmoe[s], "dynk", moefication[s], "topk") for s in sorted(d2dmoe)], resamples)
     out["moefication_leads_excluding_0"] = out.pop("b_leads_excluding_0")
     return {"seeds": sorted(d2dmoe), **out}
+
+
+def headline_alpha(runs: list, model: str, data: str) -> dict:
+    """The D2DMoE runs a panel headlines: those at the built-in default's alpha where the panel has
+    them, else the first found (the other alphas go to `by_alpha`)."""
+    default = default_alpha()
+    alphas = {r.setting["alpha"] for r in runs
+              if (r.setting["model"], r.setting["data"], r.setting["method"]) == (model, data, "d2dmoe")}
+    return {"alpha": default} if any(math.isclose(a, default) for a in alphas) else {}
 
 
 def mean_curve(runs: dict, rule: str, resamples: int) -> tuple[np.ndarray, dict]:
@@ -75,7 +86,8 @@ def main(argv=None) -> int:
     runs = load_runs(*args.results)
     panels = sorted({(r.setting["model"], r.setting["data"]) for r in runs}) or [("?", "?")]
     try:
-        chosen = {(m, d): select_seeds(runs, {"D2DMoE": {"model": m, "data": d, "method": "d2dmoe", "rule": "dynk"},
+        chosen = {(m, d): select_seeds(runs, {"D2DMoE": {"model": m, "data": d, "method": "d2dmoe", "rule": "dynk",
+                                                         **headline_alpha(runs, m, d)},
                                               "MoEfication": {"model": m, "data": d, "method": "moefication",
                                                               "rule": "topk"}},
                                        "fig_main", COMMAND)

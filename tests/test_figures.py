@@ -259,3 +259,16 @@ def test_choose_on_validation_ignores_test(tmp_path):
     readme = "\n".join(script("render_readme").chosen_defaults(tmp_path))  # the README's account of it
     assert "| 0.01 | 0, 1 | 0.500 (0.500, 0.500) |\n| 0.001 | 0, 1 | 1.000 (1.000, 1.000) |" in readme
     assert "Chosen: `sparsity.alpha=0.01`. Its score is 0.500 below the next setting's. Its chosen points on the test split: rel_cost 0.500" in readme
+
+
+def test_fig_main_headlines_the_default_alpha(tmp_path):
+    """Runs at an earlier alpha found first: the headline is still the default's alpha, the other is
+    reported beside it (by_alpha)."""
+    make_run(tmp_path / "main" / "0", {"alpha": 0.003}, {"dynk": DYNK})
+    make_run(tmp_path / "main" / "1", {"alpha": DEFAULT_ALPHA}, {"dynk": DYNK})
+    make_run(tmp_path / "main" / "2", {"method": "moefication", "router": "moefication", "alpha": 0.0},
+             {"topk": TOPK})
+    script("fig_main").main(["--results", str(tmp_path / "main"), "--out", str(tmp_path / "out"),
+                             "--resamples", "50"])
+    summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
+    assert summary["alpha"] == DEFAULT_ALPHA != 0.003 and set(summary["by_alpha"]) == {"0.003", f"{DEFAULT_ALPHA:g}"}
