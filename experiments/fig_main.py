@@ -58,13 +58,17 @@ def margins(d2dmoe: dict, moefication: dict, resamples: int) -> dict:
     return {"seeds": sorted(d2dmoe), **out}
 
 
+def panel_alphas(runs: list, model: str, data: str) -> list[float]:
+    """The alphas of a panel's D2DMoE runs, in increasing order."""
+    return sorted({r.setting["alpha"] for r in runs
+                   if (r.setting["model"], r.setting["data"], r.setting["method"]) == (model, data, "d2dmoe")})
+
+
 def headline_alpha(runs: list, model: str, data: str) -> dict:
     """The D2DMoE runs a panel headlines: those at the built-in default's alpha where the panel has
     them, else the first found (the other alphas go to `by_alpha`)."""
     default = default_alpha()
-    alphas = {r.setting["alpha"] for r in runs
-              if (r.setting["model"], r.setting["data"], r.setting["method"]) == (model, data, "d2dmoe")}
-    return {"alpha": default} if any(math.isclose(a, default) for a in alphas) else {}
+    return {"alpha": default} if any(math.isclose(a, default) for a in panel_alphas(runs, model, data)) else {}
 
 
 def mean_curve(runs: dict, rule: str, resamples: int) -> tuple[np.ndarray, dict]:
@@ -101,9 +105,8 @@ def main(argv=None) -> int:
     for ax, ((model, data), pair) in zip(axes[0], chosen.items()):
         d2d, moef = pair["D2DMoE"], pair["MoEfication"]
         first = next(iter(d2d.values()))
-        metric, alpha = first.dense["metric"], first.setting["alpha"]  # the headline alpha: the first run's
-        alphas = sorted({r.setting["alpha"] for r in runs if r.setting["model"] == model and r.setting["data"] == data
-                         and r.setting["method"] == "d2dmoe"})
+        metric, alpha = first.dense["metric"], first.setting["alpha"]  # the headline alpha (headline_alpha)
+        alphas = panel_alphas(runs, model, data)
         seeds = sorted(set(d2d) & set(moef))
         d2d, moef = {s: d2d[s] for s in seeds}, {s: moef[s] for s in seeds}
         for label, by_seed, rule, style in ((f"D2DMoE (dynamic-k, tau), alpha {alpha:g}", d2d, "dynk", "o-"),

@@ -10,14 +10,5 @@ from .vit import VitAdapter
 
 ADAPTERS = {a.family: a for a in (BertAdapter, CausalLMAdapter, GPT2Adapter, LlamaAdapter, VitAdapter)}
 
-__all__ = [
-           "ADAPTERS",
-           "Adapter",
-           "BertAdapter",
-           "CausalLMAdapter",
-           "Dims",
-           "GPT2Adapter",
-           "LlamaAdapter",
-           "VitAdapter",
-           "auto",
-]
+__all__ = ["ADAPTERS", "Adapter", "BertAdapter", "CausalLMAdapter", "Dims", "GPT2Adapter", "LlamaAdapter",
+           "VitAdapter", "auto"]

@@ -21,7 +21,7 @@ ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "distilbert"})
 TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def adapter_class(path: str, hub_kwargs: dict | None = None) -> tuple[type[Adapter], dict]:
+def adapter_class(path: str, trust_remote_code: bool = False) -> tuple[type[Adapter], dict]:
     """(adapter class, extra constructor arguments) for the model at `path`."""
     config_file = Path(path) / "config.json"
     raw = json.loads(config_file.read_text()) if config_file.is_file() else None
@@ -31,7 +31,7 @@ def adapter_class(path: str, hub_kwargs: dict | None = None) -> tuple[type[Adapt
     if raw is None:  # a hub id: transformers reads (or downloads) its config
         from transformers import AutoConfig
 
-        raw = AutoConfig.from_pretrained(path, **(hub_kwargs or {})).to_dict()
+        raw = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).to_dict()
     model_type = raw.get("model_type")
     for architecture in raw.get("architectures") or []:
         for suffix, cls in HEADS.items():
@@ -49,15 +49,13 @@ def resolved(model_cfg: dict) -> dict:
     any other model config as it is."""
     if model_cfg.get("family") != "auto":
         return model_cfg
-    hub = {"trust_remote_code": True} if model_cfg.get("trust_remote_code") else {}
-    cls, extra = adapter_class(model_cfg["path"], hub)
+    cls, extra = adapter_class(model_cfg["path"], bool(model_cfg.get("trust_remote_code")))
     return {**model_cfg, "_target_": f"{cls.__module__}.{cls.__qualname__}", "family": cls.family, **extra}
 
 
 def auto(name: str, path: str, family: str | None = None, **kwargs) -> Adapter:
     """The adapter for the model at `path`, chosen from the model (adapter_class)."""
-    hub = {"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}
-    cls, extra = adapter_class(path, hub)
+    cls, extra = adapter_class(path, bool(kwargs.get("trust_remote_code")))
     if family not in (None, "auto", cls.family):
         raise ValueError(f"model.family={family!r}, but {path} holds a {cls.family!r} model ({cls.__name__})")
     return cls(name, **{**kwargs, "path": path, **extra})
