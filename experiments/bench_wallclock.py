@@ -5,7 +5,9 @@
    (the defaults' 12 and 24 neurons) and 32 experts (48 and 96 neurons), on 32 sequences of 128
    tokens, each token running exactly round(fraction * E) random experts; inference (no autograd).
 2. The converted built-in default at each tau against its dense model, over the test split, in one
-   run (the artifacts are reused, or trained first).
+   run (the artifacts are reused, or trained first): in float32 with the experts' execution
+   --model-impl (auto: per layer and call, the faster of gather and masked), and with torch's dynamic
+   int8, the dense model quantized in one line against the converted model with int8 experts.
 Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
 
     python experiments/bench_wallclock.py [hydra overrides for part 2] [--repeats 5] [--layer-only | --model-only]
@@ -31,6 +33,7 @@ from d2dmoe.moe import FFN, MoE, Router, fused_unavailable
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 SIZES = {"minilm": (384, 1536), "bert_base": (768, 3072)}  # d, d_ff
 EXPERTS = (128, 32)
+MODEL_KEYS = ("model_overrides", "model_repeats", "model_commit", "model_impl", "model", "model_int8", "model_fastest")
 
 
 def median_ms(fn, repeats: int, device: str = "cpu", cuda_graph: bool = False) -> float:
@@ -83,10 +86,15 @@ def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather",
     return rows
 
 
-def model_rows(overrides: list[str], repeats: int) -> list[dict]:
+def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
+    """The dense model and the converted one at each tau, in float32 ("model") and with torch's dynamic
+    int8 ("model_int8": the dense model quantized in one line, and the converted model with int8
+    experts and layers, int8.py); every time_ratio against the dense float32 model. With impl auto,
+    also what it measured ("model_fastest")."""
     from hydra import compose, initialize_config_dir
 
-    from d2dmoe.moe import DynamicKGate, set_gate, set_impl
+    from d2dmoe.int8 import converted_int8, dense_int8
+    from d2dmoe.moe import DynamicKGate, moe_layers, set_gate, set_impl
     from d2dmoe.phases.evaluate import Evaluation
     from d2dmoe.pipeline import convert
 
@@ -94,39 +102,52 @@ def model_rows(overrides: list[str], repeats: int) -> list[dict]:
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
     ctx, dense, moe = convert(cfg)
-    batches = list(ctx.data.test_dataloader())
+    test, val = list(ctx.data.test_dataloader()), list(ctx.data.val_dataloader())
     adapter, task = ctx.adapter, ctx.adapter.task
 
-    def evaluate(model) -> tuple[float, float]:
-        """(median ms over the test split, metric) with the model as it is set."""
+    def score(model, batches) -> float:
+        with torch.inference_mode():
+            parts = [task.score(adapter.forward(model, b), b, adapter.token_mask(b)) for b in batches]
+        return sum(t for t, _ in parts) / sum(c for _, c in parts)
+
+    def timed(model) -> tuple[float, float]:
+        """(median ms of a pass over the test split, test metric) with the model as it is set."""
         model.eval()
-        scores = []
+        ms = median_ms(lambda: score(model, test), repeats)
+        return ms, score(model, test)
 
-        def one_pass():
-            scores.clear()
-            with torch.inference_mode():
-                for batch in batches:
-                    scores.append(task.score(adapter.forward(model, batch), batch, adapter.token_mask(batch)))
+    def counted(model) -> dict:
+        """The counted test cost, and the validation numbers a reader chooses a tau with."""
+        ev = ctx.test(Evaluation(model, adapter, ctx.dims))
+        val_ev = ctx.test(Evaluation(model, adapter, ctx.dims, split="validation"), split="validation")
+        return {"rel_cost": round(ev.rel_cost, 4), "val_rel_cost": round(val_ev.rel_cost, 4),
+                "val_value": val_ev.value}
 
-        ms = median_ms(one_pass, repeats)
-        return ms, sum(t for t, _ in scores) / sum(c for _, c in scores)
+    def row(tau, ms, value, base: dict, **more) -> dict:
+        return {"tau": tau, "rel_cost": base["rel_cost"], "time_ratio": round(ms / dense_ms, 4),
+                task.metric: value, "ms": round(ms, 1), "val_rel_cost": base["val_rel_cost"], **more}
 
-    def validation(model) -> dict:
-        """The validation numbers a reader chooses a tau with (the table's others are test numbers)."""
-        ev = ctx.test(Evaluation(model, adapter, ctx.dims, split="validation"), split="validation")
-        return {"val_rel_cost": round(ev.rel_cost, 4), "val_value": ev.value}
-
-    dense_ms, dense_value = evaluate(dense)
-    rows = [{"tau": None, "rel_cost": 1.0, "time_ratio": 1.0, task.metric: dense_value, "ms": round(dense_ms, 1),
-             **validation(dense)}]
-    set_impl(moe, cfg.experts.impl)
+    dense_ms, dense_value = timed(dense)
+    base = {**counted(dense), "rel_cost": 1.0}
+    rows = {"model": [row(None, dense_ms, dense_value, base, val_value=base["val_value"])]}
+    quantized = dense_int8(dense).eval()
+    ms, value = timed(quantized)
+    rows["model_int8"] = [row(None, ms, value, base, val_value=score(quantized, val))]
+    set_impl(moe, impl)
+    moe_int8 = converted_int8(moe)  # times its own executions when impl is auto
+    if impl == "auto":  # what auto measured: per layer shape, the fastest execution at each fraction
+        rows["model_fastest"] = {name: {f"d={m.d}, experts={m.num_experts}x{m.expert_size}": m.fastest
+                                        for m in moe_layers(model)} for name, model in (("float32", moe),
+                                                                                      ("int8", moe_int8))}
     for tau in cfg.routing.taus:
-        set_gate(moe, DynamicKGate(float(tau)))
-        ev = ctx.test(Evaluation(moe, adapter, ctx.dims))  # the counted cost of the same points
-        ms, value = evaluate(moe)
-        rows.append({"tau": float(tau), "rel_cost": round(ev.rel_cost, 4),
-                     "time_ratio": round(ms / dense_ms, 4), task.metric: value, "ms": round(ms, 1),
-                     **validation(moe)})
+        for model in (moe, moe_int8):
+            set_gate(model, DynamicKGate(float(tau)))
+        base = counted(moe)  # the MACs count the same either way
+        ms, value = timed(moe)
+        rows["model"].append(row(float(tau), ms, value, base, val_value=base["val_value"]))
+        ms, value = timed(moe_int8)
+        rows["model_int8"].append(row(float(tau), ms, value, base, val_value=score(moe_int8, val)))
+        print(f"tau {tau}: float32 {rows['model'][-1]}\n         int8 {rows['model_int8'][-1]}", flush=True)
     return rows
 
 
@@ -167,6 +188,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time each layer call as a CUDA graph replay (cuda, fused): the GPU's time alone")
+    parser.add_argument("--model-impl", default="auto", choices=["auto", "gather", "masked"],
+                        help="the whole-model part's execution of the experts (default: auto)")
     parser.add_argument("--out", help="default benchmark/bench_wallclock.json (cpu), "
                         "benchmark/bench_wallclock_cuda.json (cuda)")
     args = parser.parse_args()
@@ -199,13 +222,14 @@ def main() -> None:
             result["tiles"] = {f"d={v[0]}, expert_size={v[1]}": str(config) for v, config in CHOSEN.items()}
             print("\n".join(f"{shape}: {config}" for shape, config in result["tiles"].items()), "\n")
     if args.layer_only or gpu:  # keep the earlier whole-model rows
-        result.update({k: earlier[k] for k in ("model_overrides", "model_repeats", "model", "model_commit")
-                       if k in earlier})
+        result.update({k: earlier[k] for k in MODEL_KEYS if k in earlier})
     else:
         result["model_overrides"], result["model_repeats"] = args.overrides, args.repeats
         result["model_commit"] = commit()  # the model is whatever the defaults of that code trained
-        result["model"] = model_rows(args.overrides, args.repeats)
-        print(f"Whole converted model on the test split:\n{show(result['model'])}\n")
+        result["model_impl"] = args.model_impl
+        result.update(model_rows(args.overrides, args.repeats, args.model_impl))
+        print(f"Whole converted model on the test split, float32, experts.impl={args.model_impl}:\n"
+              f"{show(result['model'])}\n\nThe same with int8 (dynamic quantization):\n{show(result['model_int8'])}\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 

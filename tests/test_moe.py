@@ -327,3 +327,20 @@ def test_gather_scratch_made_under_inference_mode_serves_plain_no_grad():
     with torch.no_grad():
         torch.testing.assert_close(moe.gathered(x, mask), moe.masked(x, mask), rtol=1e-5, atol=1e-5)
     free_scratch()
+
+
+def test_masked_inference_leaves_captured_activations_unmasked():
+    """Masked execution zeroes h in place only where nothing holds it: activations captured by a hook
+    (sparsity statistics) keep every expert's values."""
+    from d2dmoe.sparsity import capture_activations
+
+    ffn = random_ffn(act=nn.GELU())
+    moe, _ = split_ffn(ffn, 4)
+    x = torch.randn(2, 3, 16)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[..., 0] = True
+    with torch.inference_mode():
+        with capture_activations(moe) as store:
+            out = moe.masked(x, mask)
+        torch.testing.assert_close(store[0], ffn.act(ffn.w1(x))[..., torch.cat(split_ffn(ffn, 4)[1])])
+        torch.testing.assert_close(out, moe.masked(x, mask))  # the in-place path gives the same output

@@ -111,7 +111,7 @@ class TopKGate:
         return f"TopKGate(k={self.k})"
 
 
-IMPLS = ("masked", "gather", "fused")
+IMPLS = ("masked", "gather", "fused", "auto")
 
 
 class MoE(nn.Module):
@@ -123,7 +123,10 @@ class MoE(nn.Module):
     unselected ones (one big matmul; what training with all experts uses); `gather` runs each expert
     on its selected tokens only (what saves time at inference); `fused` does the same in one Triton
     kernel on a GPU, without host synchronisation (fused.py; inference only: with gradients on it
-    runs as `gather`). The cost model counts only the selected experts either way.
+    runs as `gather`). `auto` takes, per call, the execution measured fastest for the fraction of
+    experts the call runs (crossover.py). The cost
+    model counts only the selected experts either way. With `int8` set (int8.py), inference runs
+    int8 experts, masked or gathered.
     """
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
@@ -142,6 +145,9 @@ class MoE(nn.Module):
         self.router = router
         self.gate = AllExperts()
         self.impl = "masked"
+        # impl=auto: [(executed fraction, the execution measured fastest there)], from crossover.py
+        self.fastest: list[tuple[float, str]] | None = None
+        self.int8 = None  # int8.Int8Experts: int8 expert weights for CPU inference
         self.last_mask: torch.Tensor | None = None  # [B, T, E] of the last forward, for cost counting
 
     @classmethod
@@ -158,7 +164,7 @@ class MoE(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's activations: [..., d] -> [..., E, s]."""
-        h = self.act(x @ self.w1.reshape(-1, self.d).T + self.b1.reshape(-1))  # [..., E*s]
+        h = self.act(nn.functional.linear(x, self.w1.reshape(-1, self.d), self.b1.reshape(-1)))  # [..., E*s]
         if self.up is not None:
             h = h * (x @ self.up.reshape(-1, self.d).T)
         return h.unflatten(-1, (self.num_experts, self.expert_size))
@@ -166,16 +172,40 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.gate(self.router(x))  # [B, T, E]
         self.last_mask = mask
-        if self.impl == "fused" and not torch.is_grad_enabled():
+        impl = self.faster(mask) if self.impl == "auto" else self.impl
+        return self.execute(x, mask, impl)
+
+    def faster(self, mask: torch.Tensor) -> str:
+        """impl=auto's choice for this call: the execution measured fastest at the nearest executed
+        fraction. Reading the fraction waits on the device (as gather's token counts do)."""
+        if self.fastest is None:
+            raise RuntimeError("experts.impl=auto needs its executions timed first: set it with set_impl")
+        from .crossover import fastest
+
+        return fastest(self.fastest, mask.sum().item() / max(mask.numel(), 1))
+
+    def execute(self, x: torch.Tensor, mask: torch.Tensor, impl: str) -> torch.Tensor:
+        """The experts under `mask` with execution `impl` ("masked", "gather" or "fused"; with int8
+        experts, "masked" and "gather" run them and "gather_float" the float32 ones)."""
+        if self.int8 is not None and not torch.is_grad_enabled() and impl != "gather_float":
+            return self.int8.execute(x, mask, impl)
+        if impl == "fused" and not torch.is_grad_enabled():
             return self.fused(x, mask)
-        if self.impl == "masked" or bool(mask.all()):  # every expert runs: one matmul is fastest
+        if impl == "masked" or bool(mask.all()):  # every expert runs: one matmul is fastest
             return self.masked(x, mask)
         return self.gathered(x, mask)
 
     def masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.tap(self.hidden(x)) * mask.unsqueeze(-1)  # [B, T, E, s]
+        h = self.tap(self.hidden(x))  # [B, T, E, s]
+        # in inference, a pass over h costs about what the activation does (a tenth of the layer's
+        # time on a CPU): none when every expert runs, in place where nothing else holds h
+        hooked = self.act._forward_hooks or self.tap._forward_hooks
+        if torch.is_grad_enabled() or hooked:
+            h = h * mask.unsqueeze(-1)
+        elif not bool(mask.all()):
+            h = h.mul_(mask.unsqueeze(-1))
         w2 = self.w2.transpose(0, 1).reshape(self.d, -1)  # [d, E*s]
-        return h.flatten(-2) @ w2.T + self.b2  # [B, T, d]
+        return nn.functional.linear(h.flatten(-2), w2, self.b2)  # [B, T, d]
 
     def fused(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         from .fused import fused_experts  # imports triton: only where this path is chosen
@@ -303,17 +333,23 @@ def fused_unavailable() -> str | None:
 
 
 def set_impl(model: nn.Module, impl: str) -> None:
-    """Choose how every MoE layer executes its experts: `masked`, `gather` or `fused` (same outputs).
-    `fused` is checked here, before any compute: a GPU (or Triton's interpreter) and activations
-    the kernel knows."""
+    """Choose how every MoE layer executes its experts: `masked`, `gather`, `fused` or `auto` (same
+    outputs). `fused` is checked here, before any compute: a GPU (or Triton's interpreter) and
+    activations the kernel knows. `auto` times each layer shape's executions here (once per shape,
+    device, dtype and thread count): masked against `fused` on a GPU where it can run, else `gather`."""
     if impl not in IMPLS:
         raise ValueError(f"unknown MoE execution {impl!r}; allowed: {list(IMPLS)}")
+    layers = moe_layers(model)
     if impl == "fused":
         if reason := fused_unavailable():
             raise ValueError(reason)
         from .fused import activation_name
 
-        for moe in moe_layers(model):
+        for moe in layers:
             activation_name(moe.act)
-    for moe in moe_layers(model):
+    if impl == "auto":
+        from .crossover import set_tables
+
+        set_tables(layers)
+    for moe in layers:
         moe.impl = impl
