@@ -63,14 +63,31 @@ def layer_pair(d: int, d_ff: int, E: int, device: str, dtype: torch.dtype, impl:
     return ffn, moe
 
 
+def peer_module():
+    """experiments/peer.py, whether this file runs as a script or is imported as experiments.bench_wallclock."""
+    try:
+        from . import peer
+    except ImportError:
+        import peer
+    return peer
+
+
 def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather",
-               dtype: torch.dtype = torch.float32, cuda_graph: bool = False) -> list[dict]:
+               dtype: torch.dtype = torch.float32, cuda_graph: bool = False, also: tuple[str, ...] = (),
+               peer=None) -> list[dict]:
+    """The table's rows; `also`: more executions of the same layer (e.g. grouped, masked), and `peer`:
+    the official D2DMoE kernels (peer.py's module), each timed on the same masks as `<name>_ratio`."""
     rows = []
     for (name, (d, d_ff)), E in ((size, E) for size in SIZES.items() for E in EXPERTS):
         ffn, moe = layer_pair(d, d_ff, E, device, dtype, impl)
         x = torch.randn(32, 128, d, device=device, dtype=dtype)  # [B, T, d]
         with torch.inference_mode():
             dense_ms = median_ms(lambda: ffn(x), repeats, device, cuda_graph)
+        others = {other: (lambda m, o=other: moe.execute(x, m, o)) for other in also}
+        if peer is not None:
+            for variant in peer_module().VARIANTS:
+                run = peer_module().PeerExperts(peer, moe, variant)
+                others[f"peer_{variant}"] = lambda m, r=run: r(x.reshape(-1, d), m.reshape(-1, E))
         for fraction in FRACTIONS:
             k = max(1, round(fraction * E))
             chosen = torch.rand(32, 128, E).topk(k, dim=-1).indices
@@ -80,9 +97,18 @@ def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather",
                 moe_ms = median_ms(lambda: moe(x), repeats, device, cuda_graph)
             router = d * 128 + 128 * E
             flop_ratio = (router + k * 2 * d * (d_ff // E)) / (2 * d * d_ff)
-            rows.append({"size": name, "experts": E, "expert_size": d_ff // E, "fraction": k / E, "moe_ms": round(moe_ms, 2),
-                         "dense_ms": round(dense_ms, 2), "flop_ratio": round(flop_ratio, 4),
-                         "time_ratio": round(moe_ms / dense_ms, 4)})
+            row = {"size": name, "experts": E, "expert_size": d_ff // E, "fraction": k / E, "moe_ms": round(moe_ms, 2),
+                   "dense_ms": round(dense_ms, 2), "flop_ratio": round(flop_ratio, 4),
+                   "time_ratio": round(moe_ms / dense_ms, 4)}
+            for other, fn in others.items():  # without the router: the experts alone, on the same mask
+                graph = cuda_graph and other != "grouped"  # grouped counts its pairs on the host
+                try:
+                    with torch.inference_mode():
+                        row[f"{other}_ratio"] = round(median_ms(lambda: fn(mask), repeats, device, graph) / dense_ms, 4)
+                except (RuntimeError, NotImplementedError) as error:  # e.g. a dtype the library lacks
+                    row[f"{other}_ratio"] = None
+                    print(f"{other}, {name}, {E} experts: {str(error).splitlines()[0]}", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -151,6 +177,45 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
     return rows
 
 
+def synthetic_model_rows(repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                         impls: tuple[str, ...] = ("gather",), fraction: float = 0.1, size: dict | None = None,
+                         experts: tuple[int, ...] = EXPERTS, batch: tuple[int, int] = (64, 128)) -> list[dict]:
+    """A whole converted model against its dense original, untrained: BERT (BERT-base unless `size`
+    gives BertConfig fields) with a 2-class head, every FFN cut into E experts with a router, each
+    token running exactly round(fraction * E) of them (top-k of its router's scores: routers
+    included). Random token ids, batch x tokens; inference."""
+    import copy
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from d2dmoe.models.bert import BertAdapter
+    from d2dmoe.moe import TopKGate, set_gate, set_impl
+    from d2dmoe.phases.split import moe_skeleton
+
+    torch.manual_seed(0)
+    config = BertConfig(num_labels=2, **(size or {}))
+    config._attn_implementation = "sdpa"
+    adapter = BertAdapter(name="synthetic", pretrained=False)
+    dense = adapter.install_ffns(BertForSequenceClassification(config)).eval()
+    ids = torch.randint(0, config.vocab_size, batch, device=device)  # [B, T]
+    with torch.inference_mode():
+        dense_ms = median_ms(lambda: dense.to(device, dtype)(input_ids=ids), repeats, device)
+    rows = []
+    for E in experts:
+        moe = moe_skeleton(adapter, copy.deepcopy(dense).float(), E, 128).to(device, dtype).eval()
+        k = max(1, round(fraction * E))
+        set_gate(moe, TopKGate(k))
+        for impl in impls:
+            set_impl(moe, impl)
+            with torch.inference_mode():
+                ms = median_ms(lambda: moe(input_ids=ids), repeats, device)
+            rows.append({"layers": config.num_hidden_layers, "d": config.hidden_size, "d_ff": config.intermediate_size,
+                         "experts": E, "fraction": k / E, "impl": impl, "batch": list(batch), "dense_ms": round(dense_ms, 2),
+                         "moe_ms": round(ms, 2), "speedup": round(dense_ms / ms, 3)})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def commit() -> str | None:
     """The checkout's commit (with "+changes" when the tree differs from it), or None outside git."""
     import subprocess
@@ -183,11 +248,19 @@ def main() -> None:
     only.add_argument("--layer-only", action="store_true")
     only.add_argument("--model-only", action="store_true")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--impl", choices=["gather", "fused"], help="the layer table's execution "
+    parser.add_argument("--impl", choices=["gather", "grouped", "fused"], help="the layer table's execution "
                         "(default: gather on cpu, fused on cuda)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time each layer call as a CUDA graph replay (cuda, fused): the GPU's time alone")
+    parser.add_argument("--also", default="", help="more executions for the layer table, timed on the same "
+                        "masks without the router, comma-separated: grouped, masked, gather, fused")
+    parser.add_argument("--peer", help="a checkout of github.com/bartwojcik/D2DMoE: time its expert kernels "
+                        "in the layer table (GPU, or Triton's interpreter)")
+    parser.add_argument("--peer-configs", type=int, help="about this many of each peer kernel's autotuning "
+                        "configs, spread over its list (default: all of them)")
+    parser.add_argument("--synthetic-model", action="store_true", help="only the whole converted model at "
+                        "BERT-base size, untrained, 64 x 128 tokens, a tenth of the experts (routers included)")
     parser.add_argument("--model-impl", default="auto", choices=["auto", "gather", "masked"],
                         help="the whole-model part's execution of the experts (default: auto)")
     parser.add_argument("--out", help="default benchmark/bench_wallclock.json (cpu), "
@@ -204,6 +277,15 @@ def main() -> None:
     if args.cuda_graph and not (gpu and impl == "fused"):
         parser.error("--cuda-graph needs --device cuda and the fused execution (gather waits on the host)")
 
+    if args.synthetic_model:
+        impls = ("fused", "grouped", "masked", "auto") if gpu else ("gather", "grouped", "masked", "auto")
+        rows = synthetic_model_rows(args.repeats, args.device, getattr(torch, args.dtype), impls)
+        out = Path(args.out or f"benchmark/bench_wallclock_model{'_cuda' if gpu else ''}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name() if gpu else "cpu", "dtype": args.dtype,
+                                   "threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}, indent=2))
+        print(show(rows))
+        return
     out = Path(args.out or f"benchmark/bench_wallclock{'_cuda' if gpu else ''}.json")
     earlier = json.loads(out.read_text()) if out.exists() else {}
     device = torch.cuda.get_device_name() if gpu else "cpu"
@@ -212,7 +294,14 @@ def main() -> None:
     if args.model_only:  # keep the earlier layer rows ("repeats" is the layer table's)
         result.update({k: earlier[k] for k in ("repeats", "impl", "dtype", "layer") if k in earlier})
     else:
-        result["layer"] = layer_rows(args.repeats, args.device, impl, getattr(torch, args.dtype), args.cuda_graph)
+        peer = None
+        if args.peer:  # the official kernels, from the checkout given
+            peer = peer_module().load(args.peer)
+            peer_module().limit_configs(peer, args.peer_configs)
+            result["peer"] = {"checkout": str(args.peer), "configs_per_kernel": args.peer_configs or "all"}
+        also = tuple(a for a in args.also.split(",") if a)
+        result["layer"] = layer_rows(args.repeats, args.device, impl, getattr(torch, args.dtype), args.cuda_graph,
+                                     also, peer)
         print(f"One layer, 32 x 128 tokens, {device}, {result['threads']} threads, {impl} execution, "
               f"{args.dtype}{', CUDA graph replays' if args.cuda_graph else ''}, medians:\n{show(result['layer'])}\n",
               flush=True)

@@ -111,7 +111,7 @@ class TopKGate:
         return f"TopKGate(k={self.k})"
 
 
-IMPLS = ("masked", "gather", "fused", "auto")
+IMPLS = ("masked", "gather", "grouped", "fused", "auto")
 
 
 class MoE(nn.Module):
@@ -119,11 +119,12 @@ class MoE(nn.Module):
     when gated) and the same columns of w2; the output bias b2 is added once, outside the experts.
     Gates are binary: outputs are not scaled. Layers without biases get zero biases.
 
-    Three executions with the same outputs (`impl`): `masked` computes every expert and zeroes the
+    Executions with the same outputs (`impl`): `masked` computes every expert and zeroes the
     unselected ones (one big matmul; what training with all experts uses); `gather` runs each expert
     on its selected tokens only (what saves time at inference); `fused` does the same in one Triton
     kernel on a GPU, without host synchronisation (fused.py; inference only: with gradients on it
-    runs as `gather`). `auto` takes, per call, the execution measured fastest for the fraction of
+    runs as `gather`); `grouped` does gather's work in one torch._grouped_mm per weight matrix
+    (inference; with gradients on, `gather`). `auto` takes, per call, the execution measured fastest for the fraction of
     experts the call runs (crossover.py). The cost
     model counts only the selected experts either way. With `int8` set (int8.py), inference runs
     int8 experts, masked or gathered.
@@ -185,12 +186,14 @@ class MoE(nn.Module):
         return fastest(self.fastest, mask.sum().item() / max(mask.numel(), 1))
 
     def execute(self, x: torch.Tensor, mask: torch.Tensor, impl: str) -> torch.Tensor:
-        """The experts under `mask` with execution `impl` ("masked", "gather" or "fused"; with int8
+        """The experts under `mask` with execution `impl` ("masked", "gather", "grouped" or "fused"; with int8
         experts, "masked" and "gather" run them and "gather_float" the float32 ones)."""
         if self.int8 is not None and not torch.is_grad_enabled() and impl != "gather_float":
             return self.int8.execute(x, mask, impl)
         if impl == "fused" and not torch.is_grad_enabled():
             return self.fused(x, mask)
+        if impl == "grouped" and not torch.is_grad_enabled():
+            return self.grouped(x, mask)
         if impl == "masked" or bool(mask.all()):  # every expert runs: one matmul is fastest
             return self.masked(x, mask)
         return self.gathered(x, mask)
@@ -213,6 +216,23 @@ class MoE(nn.Module):
         out = fused_experts(x.reshape(-1, self.d), mask.reshape(-1, self.num_experts), self.w1, self.b1,
                             self.w2, self.b2, self.act, self.up)  # [N, d]
         return out.reshape(x.shape)
+
+    def grouped(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Gather on a library kernel: the selected pairs sorted by expert, one grouped matmul per FFN
+        matrix (torch._grouped_mm: each expert's rows times its own weights), the activation between,
+        outputs scatter-added. Counting the pairs waits on the device."""
+        flat = x.reshape(-1, self.d)  # [N, d]
+        expert, token = mask.reshape(-1, self.num_experts).T.nonzero(as_tuple=True)  # [P] pairs, by expert
+        out = (flat.new_zeros(flat.shape) + self.b2)  # [N, d]
+        if not len(token):
+            return out.reshape(x.shape)
+        ends = torch.bincount(expert, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [E]
+        xs = flat[token]  # [P, d]
+        h = self.act(torch._grouped_mm(xs, self.w1.transpose(1, 2), offs=ends) + self.b1[expert])  # [P, s]
+        if self.up is not None:
+            h = h * torch._grouped_mm(xs, self.up.transpose(1, 2), offs=ends)
+        y = torch._grouped_mm(h, self.w2.transpose(1, 2), offs=ends)  # [P, d]
+        return out.index_add_(0, token, y).reshape(x.shape)
 
     def gathered(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Each expert's two matmuls on the tokens that selected it, outputs scatter-added."""

@@ -1,0 +1,36 @@
+"""experiments/bench_wallclock.py's whole-model timing on a tiny BERT: every execution runs through the
+converted model, exactly k experts per token, and the row reports it."""
+import pytest
+import torch
+
+from experiments.bench_wallclock import synthetic_model_rows
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2,
+        "vocab_size": 100}
+
+
+def test_synthetic_model_rows_time_each_execution_at_the_fraction():
+    rows = synthetic_model_rows(1, impls=("gather", "grouped", "masked", "auto"), fraction=0.25, size=TINY,
+                                experts=(8,), batch=(2, 8))
+    assert [r["impl"] for r in rows] == ["gather", "grouped", "masked", "auto"]
+    for r in rows:
+        assert (r["layers"], r["d"], r["d_ff"], r["experts"], r["fraction"]) == (2, 32, 128, 8, 0.25)
+        assert r["moe_ms"] > 0 and r["dense_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["moe_ms"], rel=0.02)  # from unrounded times
+
+
+def test_the_synthetic_model_runs_k_experts_per_token():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from d2dmoe.models.bert import BertAdapter
+    from d2dmoe.moe import TopKGate, moe_layers, set_gate
+    from d2dmoe.phases.split import moe_skeleton
+
+    adapter = BertAdapter(name="synthetic", pretrained=False)
+    model = adapter.install_ffns(BertForSequenceClassification(BertConfig(num_labels=2, **TINY))).eval()
+    moe = moe_skeleton(adapter, model, 8, 16)
+    set_gate(moe, TopKGate(2))
+    with torch.no_grad():
+        moe(input_ids=torch.randint(0, 100, (2, 8)))
+    layers = moe_layers(moe)
+    assert len(layers) == 2 and all(m.last_mask.sum(-1).eq(2).all() for m in layers)
