@@ -255,12 +255,8 @@ def gather_vs_masked(moe, x, mask):
     return results
 
 
-@pytest.mark.parametrize("case", ["random", "expert_without_tokens", "token_with_every_expert", "one_each"])
-def test_gather_equals_masked(case):
-    ffn = random_ffn(d=16, f=48, act=nn.GELU())
-    moe, _ = split_ffn(ffn, 6)
-    torch.manual_seed(2)
-    x = torch.randn(3, 5, 16)
+def edge_case_mask(case: str) -> torch.Tensor:
+    """A [3, 5, 6] routing mask: random, or one of the edge cases every execution must handle."""
     mask = torch.rand(3, 5, 6) < 0.4
     if case == "expert_without_tokens":
         mask[..., 2] = False
@@ -268,6 +264,18 @@ def test_gather_equals_masked(case):
         mask[1, 3] = True
     if case == "one_each":
         mask = torch.zeros_like(mask).scatter_(-1, torch.randint(0, 6, (3, 5, 1)), True)
+    if case == "none":
+        mask = torch.zeros_like(mask)
+    return mask
+
+
+@pytest.mark.parametrize("case", ["random", "expert_without_tokens", "token_with_every_expert", "one_each"])
+def test_gather_equals_masked(case):
+    ffn = random_ffn(d=16, f=48, act=nn.GELU())
+    moe, _ = split_ffn(ffn, 6)
+    torch.manual_seed(2)
+    x = torch.randn(3, 5, 16)
+    mask = edge_case_mask(case)
     masked, gathered = gather_vs_masked(moe, x, mask)
     for a, b in zip(masked, gathered):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -361,15 +369,7 @@ def check_grouped_equals_masked(device: str = "cpu", dtype: torch.dtype = torch.
             up = nn.Linear(16, 48, bias=False) if gated else None
             moe, _ = split_ffn(FFN(nn.Linear(16, 48), nn.Linear(48, 16), nn.GELU(), up), 6)
             x = torch.randn(3, 5, 16)
-            mask = torch.rand(3, 5, 6) < 0.4
-            if case == "expert_without_tokens":
-                mask[..., 2] = False
-            if case == "token_with_every_expert":
-                mask[1, 3] = True
-            if case == "one_each":
-                mask = torch.zeros_like(mask).scatter_(-1, torch.randint(0, 6, (3, 5, 1)), True)
-            if case == "none":
-                mask = torch.zeros_like(mask)
+            mask = edge_case_mask(case)
             moe, x, mask = moe.to(device, dtype), x.to(device, dtype), mask.to(device)
             with torch.no_grad():
                 torch.testing.assert_close(moe.execute(x, mask, "grouped"), moe.masked(x, mask), **tol)
