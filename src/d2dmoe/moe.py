@@ -124,10 +124,9 @@ class MoE(nn.Module):
     on its selected tokens only (what saves time at inference); `fused` does the same in one Triton
     kernel on a GPU, without host synchronisation (fused.py; inference only: with gradients on it
     runs as `gather`); `grouped` does gather's work in one torch._grouped_mm per weight matrix
-    (inference; with gradients on, `gather`). `auto` takes, per call, the execution measured fastest for the fraction of
-    experts the call runs (crossover.py). The cost
-    model counts only the selected experts either way. With `int8` set (int8.py), inference runs
-    int8 experts, masked or gathered.
+    (inference; with gradients on, `gather`). `auto` takes, per call, the execution measured fastest
+    for the fraction of experts the call runs (crossover.py). The cost model counts only the selected
+    experts either way. With `int8` set (int8.py), inference runs int8 experts, masked or gathered.
     """
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
@@ -201,11 +200,12 @@ class MoE(nn.Module):
     def masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.tap(self.hidden(x))  # [B, T, E, s]
         # in inference, a pass over h costs about what the activation does (a tenth of the layer's
-        # time on a CPU): none when every expert runs, in place where nothing else holds h
+        # time on a CPU): in place where nothing else holds h, and on a CPU none when every expert
+        # runs (asking a GPU would wait on it)
         hooked = self.act._forward_hooks or self.tap._forward_hooks
         if torch.is_grad_enabled() or hooked:
             h = h * mask.unsqueeze(-1)
-        elif not bool(mask.all()):
+        elif x.is_cuda or not bool(mask.all()):
             h = h.mul_(mask.unsqueeze(-1))
         w2 = self.w2.transpose(0, 1).reshape(self.d, -1)  # [d, E*s]
         return nn.functional.linear(h.flatten(-2), w2, self.b2)  # [B, T, d]
@@ -223,7 +223,7 @@ class MoE(nn.Module):
         outputs scatter-added. Counting the pairs waits on the device."""
         flat = x.reshape(-1, self.d)  # [N, d]
         expert, token = mask.reshape(-1, self.num_experts).T.nonzero(as_tuple=True)  # [P] pairs, by expert
-        out = (flat.new_zeros(flat.shape) + self.b2)  # [N, d]
+        out = flat.new_zeros(flat.shape) + self.b2  # [N, d]
         if not len(token):
             return out.reshape(x.shape)
         ends = torch.bincount(expert, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [E]
@@ -353,8 +353,8 @@ def fused_unavailable() -> str | None:
 
 
 def set_impl(model: nn.Module, impl: str) -> None:
-    """Choose how every MoE layer executes its experts: `masked`, `gather`, `fused` or `auto` (same
-    outputs). `fused` is checked here, before any compute: a GPU (or Triton's interpreter) and
+    """Choose how every MoE layer executes its experts: `masked`, `gather`, `grouped`, `fused` or
+    `auto` (same outputs). `fused` is checked here, before any compute: a GPU (or Triton's interpreter) and
     activations the kernel knows. `auto` times each layer shape's executions here (once per shape,
     device, dtype and thread count): masked against `fused` on a GPU where it can run, else `gather`."""
     if impl not in IMPLS:
