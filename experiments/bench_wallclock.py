@@ -6,7 +6,8 @@
    tokens, each token running exactly round(fraction * E) random experts; inference (no autograd).
 2. The converted built-in default at each tau against its dense model, over the test split, in one
    run (the artifacts are reused, or trained first): in float32 with the experts' execution
-   --model-impl (auto: per layer and call, the faster of gather and masked), and with torch's dynamic
+   --model-impl (auto: per layer and call, the fastest of gather and masked at the call's fraction of
+   experts, timed on the layer's own routing of a validation batch at each tau), and with torch's dynamic
    int8, the dense model quantized in one line against the converted model with int8 experts.
 Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
 
@@ -119,6 +120,7 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
     also what it measured ("model_fastest")."""
     from hydra import compose, initialize_config_dir
 
+    from d2dmoe.crossover import calibrate
     from d2dmoe.int8 import converted_int8, dense_int8
     from d2dmoe.moe import DynamicKGate, moe_layers, set_gate, set_impl
     from d2dmoe.phases.evaluate import Evaluation
@@ -161,10 +163,11 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
     rows["model_int8"] = [row(None, ms, value, base, val_value=score(quantized, val))]
     set_impl(moe, impl)
     moe_int8 = converted_int8(moe)  # times its own executions when impl is auto
-    if impl == "auto":  # what auto measured: per layer shape, the fastest execution at each fraction
-        rows["model_fastest"] = {name: {f"d={m.d}, experts={m.num_experts}x{m.expert_size}": m.fastest
-                                        for m in moe_layers(model)} for name, model in (("float32", moe),
-                                                                                      ("int8", moe_int8))}
+    if impl == "auto":  # each layer's executions timed on its own routing of a validation batch, per tau
+        for model in (moe, moe_int8):
+            calibrate(model, lambda m=model: adapter.forward(m, val[0]), cfg.routing.taus)
+        rows["model_fastest"] = {name: {f"layer {i}": m.fastest for i, m in enumerate(moe_layers(model))}
+                                 for name, model in (("float32", moe), ("int8", moe_int8))}
     for tau in cfg.routing.taus:
         for model in (moe, moe_int8):
             set_gate(model, DynamicKGate(float(tau)))

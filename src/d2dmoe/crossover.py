@@ -6,7 +6,9 @@ at tau 0.002.
 
 The choice is measured, not modelled: once per layer shape, device, dtype, int8 or not, and thread
 count, every candidate execution is timed on random masks of exactly k experts per token at a ladder
-of fractions; a call runs the fastest candidate of the ladder fraction nearest its own.
+of fractions; a call runs the fastest candidate of the ladder fraction nearest its own. Random masks
+flatter gather (a real router sends many tokens to a few experts and few to the rest), so where
+data is at hand `calibrate` times each layer on the model's own inputs and routing instead.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 
 import torch
 
-from .moe import MoE, fused_unavailable
+from .moe import DynamicKGate, MoE, fused_unavailable, moe_layers, set_gate
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 TOKENS = 4096  # per timed call: as many rows as a batch of 32 x 128, so per-call overheads weigh as they do there
@@ -90,3 +92,33 @@ def set_tables(layers: list[MoE]) -> None:
         if key not in TABLES:
             TABLES[key] = measure(moe, impls)
         moe.fastest = TABLES[key]
+
+
+@torch.inference_mode()
+def calibrate(model: torch.nn.Module, run, taus, timer=execution_ms) -> None:
+    """Give each MoE layer its own table, timed on the model's own routing: `run()` passes one real
+    batch through the model; at each tau, every layer's candidates are timed on that layer's input and
+    mask from the batch. Layers must already be set to auto (set_impl); their gates are restored."""
+    layers = moe_layers(model)
+    gates = [moe.gate for moe in layers]
+    seen: dict[MoE, tuple] = {}
+    hooks = [moe.register_forward_hook(lambda m, args, out: seen.__setitem__(m, (args[0], m.last_mask)))
+             for moe in layers]
+    tables: dict[MoE, list[tuple[float, str]]] = {moe: [] for moe in layers}
+    try:
+        for tau in taus:
+            set_gate(model, DynamicKGate(float(tau)))
+            seen.clear()
+            run()
+            for moe in layers:
+                x, mask = seen[moe]  # [B, T, d], [B, T, E]
+                if not bool(mask.all()):
+                    ms = {impl: timer(moe, x, mask, impl) for impl in candidates(moe)}
+                    tables[moe].append((mask.sum().item() / mask.numel(), min(ms, key=ms.get)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for moe, gate in zip(layers, gates):
+            moe.gate = gate
+    for moe in layers:
+        moe.fastest = sorted(tables[moe]) + [(1.0, "masked")]
