@@ -199,13 +199,14 @@ def synthetic_model_rows(repeats: int, device: str = "cpu", dtype: torch.dtype =
     config = BertConfig(num_labels=2, **(size or {}))
     config._attn_implementation = "sdpa"
     adapter = BertAdapter(name="synthetic", pretrained=False)
-    dense = adapter.install_ffns(BertForSequenceClassification(config)).eval()
+    original = adapter.install_ffns(BertForSequenceClassification(config)).eval()
+    dense = copy.deepcopy(original).to(device, dtype)
     ids = torch.randint(0, config.vocab_size, batch, device=device)  # [B, T]
     with torch.inference_mode():
-        dense_ms = median_ms(lambda: dense.to(device, dtype)(input_ids=ids), repeats, device)
+        dense_ms = median_ms(lambda: dense(input_ids=ids), repeats, device)
     rows = []
     for E in experts:
-        moe = moe_skeleton(adapter, copy.deepcopy(dense).float(), E, 128).to(device, dtype).eval()
+        moe = moe_skeleton(adapter, copy.deepcopy(original), E, 128).to(device, dtype).eval()
         k = max(1, round(fraction * E))
         set_gate(moe, TopKGate(k))
         for impl in impls:
