@@ -100,6 +100,12 @@ def main_figure(root: Path) -> list[str]:
                 "freedom, so they are wide; the bootstrap intervals of the margins also resample the test examples, "
                 "on which the seeds are paired.",
                 "", targets(panel, c, m), ""]
+        others = {a: row for a, row in s.get("by_alpha", {}).items() if not math.isclose(float(a), s["alpha"])}
+        for a, row in others.items():  # the same comparison at the other alphas run
+            parts = [f"at rel_cost {cost} {describe(r, 'margin', metric)}" for cost, r in row["at"].items()]
+            parts.append(f"at its worst point ({row['worst']['rel_cost']:.3f}) {describe(row['worst'], 'margin', metric)}")
+            out += [f"D2DMoE minus MoEfication with D2DMoE at alpha {a} instead (seeds "
+                    f"{', '.join(map(str, row['seeds']))}, test): {'; '.join(parts)}.", ""]
         if panel == DEFAULT_PANEL and not math.isclose(s["alpha"], default_alpha()):
             out += [f"This benchmark ran D2DMoE at alpha {s['alpha']:g}; the default's alpha is now {default_alpha():g} "
                     "(chosen on validation, below), and the benchmark has not been re-run at it.", ""]
