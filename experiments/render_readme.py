@@ -40,6 +40,7 @@ BENCHMARK_DIR = "benchmark"
 # the main figure's benchmark targets per panel: the mean lowest rel_cost within 1 point of dense
 CHEAPEST_TARGET = {"minilm/bbc_news": 0.42, "minilm/carer": 0.45}
 DEFAULT_PANEL = "minilm/bbc_news"  # the built-in default's model and data
+PANEL_JSON = {"minilm/carer": "figures/fig_main_carer.json"}  # fig_main.py --name fig_main_carer
 SLOWEST_TARGET = 1.05  # issue 26: the converted model's wall time / dense at every tau
 INT8_SPEEDUP_TARGET = 4.0  # issue 26: converted + int8 against dense float32, within the bar
 
@@ -110,8 +111,12 @@ def main_figure(root: Path) -> list[str]:
             out += [f"This benchmark ran D2DMoE at alpha {s['alpha']:g}; the default's alpha is now {default_alpha():g} "
                     "(chosen on validation, below), and the benchmark has not been re-run at it.", ""]
     missing = sorted(set(CHEAPEST_TARGET) - set(panels))
-    if missing:
-        out += [f"Not measured yet: the {', '.join(f'`{p}`' for p in missing)} panel of the same benchmark.", ""]
+    for panel in missing:  # a panel under way has its own figure file with the seeds finished so far
+        so_far = root / PANEL_JSON.get(panel, "none")
+        seeds = json.loads(so_far.read_text()).get(panel, {}).get("seeds", []) if so_far.is_file() else []
+        under_way = (f" (under way: seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} of the three "
+                     f"finished, in `{PANEL_JSON[panel]}` and [docs/results.md](docs/results.md))") if seeds else ""
+        out += [f"Not measured yet: the `{panel}` panel of the same benchmark{under_way}.", ""]
     return out
 
 

@@ -39,8 +39,10 @@ def code_blocks(text: str) -> list[str]:
 
 def copy_inputs(render, dest: Path) -> Path:
     """The README and every JSON file the renderer reads, under dest."""
-    for rel in [render.MAIN_JSON, render.WALLCLOCK_JSON, *(p.relative_to(ROOT).as_posix()
-                                                          for p in (ROOT / render.BENCHMARK_DIR).glob("*.json"))]:
+    for rel in [render.MAIN_JSON, render.WALLCLOCK_JSON, *render.PANEL_JSON.values(),
+                *(p.relative_to(ROOT).as_posix() for p in (ROOT / render.BENCHMARK_DIR).glob("*.json"))]:
+        if not (ROOT / rel).is_file():  # a panel not started
+            continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, dest / rel)
     shutil.copy(README, dest / "README.md")
@@ -184,3 +186,13 @@ def test_targets_are_said_met_or_missed(render):
     m = {"at": {"0.5": {"mean": 0.01, "lo": 0.001, "hi": 0.02}}, "moefication_leads_excluding_0": [0.9, 1.0]}
     said = render.targets("minilm/carer", {"rel_cost": {"mean": 0.44}}, m)
     assert "at most 0.45: met (0.440)" in said and "above 0: met" in said and "excludes 0: missed" in said
+
+
+def test_a_panel_under_way_names_its_finished_seeds(render, tmp_path):
+    copy_inputs(render, tmp_path)
+    carer = tmp_path / render.PANEL_JSON["minilm/carer"]
+    carer.parent.mkdir(parents=True, exist_ok=True)
+    carer.write_text(json.dumps({"minilm/carer": {"seeds": [0, 1]}}))
+    assert "`minilm/carer` panel of the same benchmark (under way: seeds 0, 1 of the three finished" in render.render(tmp_path)
+    carer.unlink()
+    assert "`minilm/carer` panel of the same benchmark." in render.render(tmp_path)
