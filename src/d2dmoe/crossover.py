@@ -7,8 +7,9 @@ at tau 0.002.
 The choice is measured, not modelled: once per layer shape, device, dtype, int8 or not, and thread
 count, every candidate execution is timed on random masks of exactly k experts per token at a ladder
 of fractions; a call runs the fastest candidate of the ladder fraction nearest its own. Random masks
-flatter gather (a real router sends many tokens to a few experts and few to the rest), so where
-data is at hand `calibrate` times each layer on the model's own inputs and routing instead.
+spread tokens evenly over the experts, a router does not, and such a table sent real calls to gather
+where masked was faster (docs/results.md, wall-clock time), so where data is at hand `calibrate`
+times each layer on the model's own inputs and routing instead.
 """
 from __future__ import annotations
 
