@@ -214,8 +214,8 @@ def synthetic_model_rows(repeats: int, device: str = "cpu", dtype: torch.dtype =
             with torch.inference_mode():
                 ms = median_ms(lambda: moe(input_ids=ids), repeats, device)
             rows.append({"layers": config.num_hidden_layers, "d": config.hidden_size, "d_ff": config.intermediate_size,
-                         "experts": E, "fraction": k / E, "impl": impl, "batch": list(batch), "dense_ms": round(dense_ms, 2),
-                         "moe_ms": round(ms, 2), "speedup": round(dense_ms / ms, 3)})
+                         "experts": E, "fraction": k / E, "impl": impl, "batch": list(batch), "dense_ms": round(dense_ms, 3),
+                         "moe_ms": round(ms, 3), "speedup": round(dense_ms / ms, 3)})
             print(rows[-1], flush=True)
     return rows
 

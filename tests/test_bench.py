@@ -16,7 +16,8 @@ def test_synthetic_model_rows_time_each_execution_at_the_fraction():
     for r in rows:
         assert (r["layers"], r["d"], r["d_ff"], r["experts"], r["fraction"]) == (2, 32, 128, 8, 0.25)
         assert r["moe_ms"] > 0 and r["dense_ms"] > 0
-        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["moe_ms"], rel=0.02)  # from unrounded times
+        # from unrounded times: rounding moves the ratio of the rounded ones by a few percent, or 0.001
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["moe_ms"], rel=0.05, abs=1e-3)
 
 
 def test_the_synthetic_model_runs_k_experts_per_token():
