@@ -139,10 +139,12 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
         return sum(t for t, _ in parts) / sum(c for _, c in parts)
 
     def timed(model) -> tuple[float, float]:
-        """(median ms of a pass over the test split, test metric) with the model as it is set."""
+        """(median ms of a pass over the test split, test metric) with the model as it is set; the
+        metric is the timed passes' own."""
         model.eval()
-        ms = median_ms(lambda: score(model, test), repeats)
-        return ms, score(model, test)
+        values = []
+        ms = median_ms(lambda: values.append(score(model, test)), repeats)
+        return ms, values[-1]
 
     def counted(model) -> dict:
         """The counted test cost, and the validation numbers a reader chooses a tau with."""
@@ -161,11 +163,13 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
     quantized = dense_int8(dense).eval()
     ms, value = timed(quantized)
     rows["model_int8"] = [row(None, ms, value, base, val_value=score(quantized, val))]
-    set_impl(moe, impl)
-    moe_int8 = converted_int8(moe)  # times its own executions when impl is auto
-    if impl == "auto":  # each layer's executions timed on its own routing of a validation batch, per tau
-        for model in (moe, moe_int8):
+    moe_int8 = converted_int8(moe)
+    for model in (moe, moe_int8):
+        if impl == "auto":  # each layer's executions timed on its own routing of a validation batch, per tau
             calibrate(model, lambda m=model: adapter.forward(m, val[0]), cfg.routing.taus)
+        else:
+            set_impl(model, impl)
+    if impl == "auto":
         rows["model_fastest"] = {name: {f"layer {i}": m.fastest for i, m in enumerate(moe_layers(model))}
                                  for name, model in (("float32", moe), ("int8", moe_int8))}
     for tau in cfg.routing.taus:
@@ -192,8 +196,11 @@ def synthetic_model_rows(repeats: int, device: str = "cpu", dtype: torch.dtype =
     from transformers import BertConfig, BertForSequenceClassification
 
     from d2dmoe.models.bert import BertAdapter
-    from d2dmoe.moe import TopKGate, set_gate, set_impl
+    from d2dmoe.moe import TopKGate, moe_layers, set_gate, set_impl
     from d2dmoe.phases.split import moe_skeleton
+
+    def mean_experts(model) -> float:  # experts per token over every layer's last call
+        return sum(m.last_mask.sum(-1).float().mean().item() for m in moe_layers(model)) / len(moe_layers(model))
 
     torch.manual_seed(0)
     config = BertConfig(num_labels=2, **(size or {}))
@@ -215,7 +222,8 @@ def synthetic_model_rows(repeats: int, device: str = "cpu", dtype: torch.dtype =
                 ms = median_ms(lambda: moe(input_ids=ids), repeats, device)
             rows.append({"layers": config.num_hidden_layers, "d": config.hidden_size, "d_ff": config.intermediate_size,
                          "experts": E, "fraction": k / E, "impl": impl, "batch": list(batch), "dense_ms": round(dense_ms, 3),
-                         "moe_ms": round(ms, 3), "speedup": round(dense_ms / ms, 3)})
+                         "moe_ms": round(ms, 3), "speedup": round(dense_ms / ms, 3),
+                         "experts_per_token": round(mean_experts(moe), 3)})  # as run, not as asked
             print(rows[-1], flush=True)
     return rows
 

@@ -15,6 +15,7 @@ def test_synthetic_model_rows_time_each_execution_at_the_fraction():
     assert [r["impl"] for r in rows] == ["gather", "grouped", "masked", "auto"]
     for r in rows:
         assert (r["layers"], r["d"], r["d_ff"], r["experts"], r["fraction"]) == (2, 32, 128, 8, 0.25)
+        assert r["experts_per_token"] == 2  # what the layers ran
         assert r["moe_ms"] > 0 and r["dense_ms"] > 0
         # from unrounded times: rounding moves the ratio of the rounded ones by a few percent, or 0.001
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["moe_ms"], rel=0.05, abs=1e-3)

@@ -180,7 +180,6 @@ def test_auto_without_a_measured_table_says_so():
 def test_calibrate_times_each_layer_on_its_own_inputs_and_routing():
     model = TinyModel().eval()
     x = torch.randn(4, 16, 32)
-    set_impl(model, "auto")
     gate, timed = model.moe.gate, []
 
     def timer(moe, xs, mask, impl):  # selective faster below 40% of the experts
@@ -188,7 +187,7 @@ def test_calibrate_times_each_layer_on_its_own_inputs_and_routing():
         return 10 * mask.float().mean().item() if impl != "masked" else 4
 
     crossover.calibrate(model, lambda: model(x), [0.0, 0.2, 0.5, 1.0], timer=timer)
-    assert model.moe.gate is gate  # restored
+    assert model.moe.gate is gate and model.moe.impl == "auto"  # restored; set to auto
     assert timed[0] == ((4, 16, 32), (4, 16, 8))  # the layer's own input and mask, not random ones
     table = model.moe.fastest
     assert table[-1] == (1.0, "masked") and len(table) == 4  # tau 0 runs every expert: nothing to time

@@ -97,11 +97,14 @@ def set_tables(layers: list[MoE]) -> None:
 
 @torch.inference_mode()
 def calibrate(model: torch.nn.Module, run, taus, timer=execution_ms) -> None:
-    """Give each MoE layer its own table, timed on the model's own routing: `run()` passes one real
-    batch through the model; at each tau, every layer's candidates are timed on that layer's input and
-    mask from the batch. Layers must already be set to auto (set_impl); their gates are restored."""
+    """Set every MoE layer to auto with its own table, timed on the model's own routing (no random-mask
+    table is timed first): `run()` passes one real batch through the model, the experts running
+    masked; at each tau, every layer's candidates are timed on that layer's input and mask from the
+    batch. The layers' gates are restored."""
     layers = moe_layers(model)
     gates = [moe.gate for moe in layers]
+    for moe in layers:  # routing does not depend on the execution
+        moe.impl = "masked"
     seen: dict[MoE, tuple] = {}
     hooks = [moe.register_forward_hook(lambda m, args, out: seen.__setitem__(m, (args[0], m.last_mask)))
              for moe in layers]
@@ -122,4 +125,4 @@ def calibrate(model: torch.nn.Module, run, taus, timer=execution_ms) -> None:
         for moe, gate in zip(layers, gates):
             moe.gate = gate
     for moe in layers:
-        moe.fastest = sorted(tables[moe]) + [(1.0, "masked")]
+        moe.fastest, moe.impl = sorted(tables[moe]) + [(1.0, "masked")], "auto"
