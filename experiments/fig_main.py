@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -128,7 +129,9 @@ def main(argv=None) -> int:
                      "(seeds and test examples)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        used = [r.dir.resolve() for r in runs if (r.setting["model"], r.setting["data"]) == (model, data)]
         s = {"metric": metric, "split": "test", "seeds": seeds, "alpha": alpha, "dense": dense,
+             "sweeps": [d for d in args.results if any(Path(d).resolve() in u.parents for u in used)],
              "chosen": {"d2dmoe": {str(k): r.tuned for k, r in d2d.items()},
                         "moefication": {str(k): r.tuned for k, r in moef.items()}},
              "cheapest_within": cheapest_by_seed(d2d, "dynk"),

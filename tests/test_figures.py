@@ -114,6 +114,19 @@ def test_fig_main_compares_d2dmoe_with_moefication(tmp_path):
     assert summary["cheapest_within"]["rel_cost"]["mean"] == 1.0
 
 
+def test_fig_main_panels_name_their_own_sweeps(tmp_path):
+    """One figure from two families' sweeps: each panel records the sweeps its runs came from, so the
+    README can print the command that made it."""
+    for sweep, data in (("a", "toy"), ("b", "other")):
+        make_run(tmp_path / sweep / "0", {"data": data}, {"dynk": DYNK})
+        make_run(tmp_path / sweep / "1", {"data": data, "method": "moefication", "router": "moefication",
+                                          "alpha": 0.0}, {"topk": TOPK})
+    sweeps = [str(tmp_path / "a"), str(tmp_path / "b")]
+    script("fig_main").main(["--results", *sweeps, "--out", str(tmp_path / "out"), "--resamples", "50"])
+    summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())
+    assert summary["tiny/toy"]["sweeps"] == sweeps[:1] and summary["tiny/other"]["sweeps"] == sweeps[1:]
+
+
 def test_fig_main_margin_for_each_alpha(tmp_path):
     """A second D2DMoE alpha that wins at high cost where the first loses: each alpha's margin."""
     # as a fig_main sweep lays them out: the experiment's alpha, alpha 0, MoEfication
