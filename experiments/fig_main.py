@@ -18,6 +18,9 @@ What the summary (printed, and <name>.json) holds per panel, and where each numb
   shared range, and where MoEfication leads with an interval excluding 0; each with a 95% paired
   bootstrap interval over test examples and seeds (evidence.paired_margins).
 - `by_alpha`: with D2DMoE runs at several alphas for a panel, the same margin for each alpha.
+- `d2dmoe_minus_moefication_original`: where the sweep also ran MoEfication with its original router
+  (`routing/router=moefication_original`: unit-normalised input, E wide, started at the experts'
+  centroids), the same margin against it, on the seeds it has.
 
 The curves drawn are the mean over seeds of each seed's test frontier, with a 95% bootstrap band over
 seeds and test examples (evidence.curve_band); the dense star's bar is the same.
@@ -42,6 +45,7 @@ from d2dmoe.figures import (
     compare,
     default_alpha,
     load_runs,
+    matches,
     metric_label,
     pyplot,
     save,
@@ -57,6 +61,16 @@ def margins(d2dmoe: dict, moefication: dict, resamples: int) -> dict:
     out = compare([(d2dmoe[s], "dynk", moefication[s], "topk") for s in sorted(d2dmoe)], resamples)
     out["moefication_leads_excluding_0"] = out.pop("b_leads_excluding_0")
     return {"seeds": sorted(d2dmoe), **out}
+
+
+def original_router(runs: list, model: str, data: str, d2d: dict) -> dict:
+    """MoEfication with its original router (routing/router=moefication_original), per seed (each
+    seed's router setting chosen on validation), on the seeds D2DMoE has; {} where none ran."""
+    want = {"model": model, "data": data, "method": "moefication", "router": "moefication_original", "rule": "topk"}
+    if not any(matches(r.setting, want) for r in runs):
+        return {}
+    by_seed = select_seeds(runs, {"original": want}, "fig_main", COMMAND)["original"]
+    return {seed: run for seed, run in by_seed.items() if seed in d2d}
 
 
 def panel_alphas(runs: list, model: str, data: str) -> list[float]:
@@ -94,7 +108,7 @@ def main(argv=None) -> int:
         chosen = {(m, d): select_seeds(runs, {"D2DMoE": {"model": m, "data": d, "method": "d2dmoe", "rule": "dynk",
                                                          **headline_alpha(runs, m, d)},
                                               "MoEfication": {"model": m, "data": d, "method": "moefication",
-                                                              "rule": "topk"}},
+                                                              "router": "moefication", "rule": "topk"}},
                                        "fig_main", COMMAND)
                   for m, d in panels}
     except MissingRuns as err:
@@ -110,10 +124,14 @@ def main(argv=None) -> int:
         alphas = panel_alphas(runs, model, data)
         seeds = sorted(set(d2d) & set(moef))
         d2d, moef = {s: d2d[s] for s in seeds}, {s: moef[s] for s in seeds}
-        for label, by_seed, rule, style in ((f"D2DMoE (dynamic-k, tau), alpha {alpha:g}", d2d, "dynk", "o-"),
-                                            ("MoEfication (top-k, k)", moef, "topk", "s--")):
+        original = original_router(runs, model, data, d2d)  # {seed: run}, where the sweep ran it
+        curves = [(f"D2DMoE (dynamic-k, tau), alpha {alpha:g}", d2d, "dynk", "o-"),
+                  ("MoEfication (top-k, k)", moef, "topk", "s--")]
+        if original:
+            curves.append(("MoEfication, its original router (top-k, k)", original, "topk", "^:"))
+        for label, by_seed, rule, style in curves:
             costs, band = mean_curve(by_seed, rule, max(args.resamples // 4, 100))
-            line, = ax.plot(costs, band["mean"], style[-1], label=f"{label}, mean of {len(seeds)} seeds")
+            line, = ax.plot(costs, band["mean"], style[1:], label=f"{label}, mean of {len(by_seed)} seeds")
             ax.fill_between(costs, band["lo"], band["hi"], color=line.get_color(), alpha=0.2, lw=0)
             for run in by_seed.values():
                 curve = run.curve(rule)
@@ -136,6 +154,9 @@ def main(argv=None) -> int:
                         "moefication": {str(k): r.tuned for k, r in moef.items()}},
              "cheapest_within": cheapest_by_seed(d2d, "dynk"),
              "d2dmoe_minus_moefication": margins(d2d, moef, args.resamples)}
+        if original:  # the same comparison against MoEfication's own router, on the seeds it has
+            s["chosen"]["moefication_original"] = {str(k): r.tuned for k, r in original.items()}
+            s["d2dmoe_minus_moefication_original"] = margins({k: d2d[k] for k in original}, original, args.resamples)
         if len(alphas) > 1:
             s["by_alpha"] = {}
             for a in alphas:
@@ -170,6 +191,11 @@ def report(panel: str, s: dict) -> None:
         print(f"  worst in the shared range {m['shared_range']}: {describe(m['worst'], 'margin', metric)} "
               f"at rel_cost {m['worst']['rel_cost']:.3f}")
     print(f"  MoEfication ahead with an interval excluding 0: {m['moefication_leads_excluding_0'] or 'nowhere'}")
+    if o := s.get("d2dmoe_minus_moefication_original"):
+        parts = [f"at {cost} {describe(row, 'margin', metric)}" for cost, row in o["at"].items()]
+        if o["worst"]:
+            parts.append(f"worst {describe(o['worst'], 'margin', metric)} at {o['worst']['rel_cost']:.3f}")
+        print(f"  against MoEfication's original router (seeds {o['seeds']}): {'; '.join(parts)}")
 
 
 if __name__ == "__main__":

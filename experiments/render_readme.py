@@ -107,6 +107,15 @@ def main_figure(root: Path) -> list[str]:
                 "freedom, so they are wide; the bootstrap intervals of the margins also resample the test examples, "
                 "on which the seeds are paired.",
                 "", targets(panel, c, m), ""]
+        if o := s.get("d2dmoe_minus_moefication_original"):  # MoEfication's own router, where the sweep ran it
+            parts = [f"at rel_cost {cost} {describe(r, 'margin', metric)}" for cost, r in o["at"].items()]
+            if o["worst"]:
+                parts.append(f"at its worst point ({o['worst']['rel_cost']:.3f}) {describe(o['worst'], 'margin', metric)}")
+            lead = o["moefication_leads_excluding_0"]
+            out += [f"D2DMoE minus MoEfication with its original router (`routing/router=moefication_original`: "
+                    f"unit-normalised input, started at the experts' centroids; seeds {', '.join(map(str, o['seeds']))}, "
+                    f"test): {'; '.join(parts)}; that router ahead with an interval excluding 0: "
+                    f"{'nowhere' if lead is None else f'from rel_cost {lead[0]:.3f} to {lead[1]:.3f}'}.", ""]
         others = {a: row for a, row in s.get("by_alpha", {}).items() if not math.isclose(float(a), s["alpha"])}
         for a, row in others.items():  # the same comparison at the other alphas run
             parts = [f"at rel_cost {cost} {describe(r, 'margin', metric)}" for cost, r in row["at"].items()]

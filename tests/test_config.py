@@ -115,7 +115,7 @@ def test_each_bad_value_fails_before_compute_naming_its_key(override):
     "sparsity.max_steps=-1", "sparsity.max_steps=0", "dense.epochs=0", "data.limit_train=null",
     "data.limit_train=1", "convert.profile_batches=null", "routing.router.hidden=1", "sparsity.alpha=0",
     "convert.budget=2", "routing.taus=[0,1]", "dense.warmup_fraction=0", "checkpoint_every=0",
-    "sparsity.attention_lr=null", "data.batch_size=1",
+    "sparsity.attention_lr=null", "data.batch_size=1", "routing.router.hidden=null",
 ])
 def test_values_at_the_edge_of_the_allowed_range_pass(override):
     check_config(compose_config([override]))
@@ -155,6 +155,10 @@ MINILM = Dims(layers=6, d=384, d_ff=1536, num_labels=5)
     (["experts.num_experts=100"], "experts.num_experts", "does not divide the FFN width 1536"),
     (["experts.num_experts=null", "experts.expert_size=25"], "experts.expert_size", "does not divide"),
     (["routing=topk", "routing.ks=[1,129]"], "routing.ks", "exceeds the number of experts 128"),
+    (["routing/router=moefication_original", "routing.router.hidden=64"], "routing.router.hidden",
+     "as wide as its 128 experts: set null"),
+    (["routing/router=moefication_original", "attention.convert=true", "attention.router_hidden=32"],
+     "attention.router_hidden", "as wide as its 16 experts"),
 ])
 def test_shape_checks_name_the_key(overrides, key, words):
     cfg = compose_config(overrides)

@@ -41,7 +41,7 @@ def tiny_llama():
 def converted(family: str, attention: bool, width: float = 1.0, router_kind: str = "regression",
               activation: str = "relu"):
     """A tiny converted model and its spec. activation: `relu` swaps it into the FFNs, `keep` leaves
-    the model's own (sparsity.activation); router_kind: `regression` or `moefication` routers."""
+    the model's own (sparsity.activation); router_kind: `regression`, `moefication` or `moefication_original` routers."""
     adapter = tiny_llama() if family == "llama" else tiny(family, attn="sdpa")
     if attention and activation == "relu":
         model = mlp_model(family, adapter, width)
@@ -50,13 +50,14 @@ def converted(family: str, attention: bool, width: float = 1.0, router_kind: str
         model = adapter.install_ffns(install_projection_mlps(adapter, build(family, adapter), width=width))
     else:
         model = adapter.install_ffns(build(family, adapter), nn.ReLU() if activation == "relu" else None).eval()
-    split_model(adapter, model, num_experts=8, router_hidden=16, router_kind=router_kind, n_init=1,
-                attention=(4, 8) if attention else None)
+    hidden, attention_hidden = (8, 4) if router_kind == "moefication_original" else (16, 8)  # the former: E wide
+    split_model(adapter, model, num_experts=8, router_hidden=hidden, router_kind=router_kind, n_init=1,
+                attention=(4, attention_hidden) if attention else None)
     for p in model.parameters():  # routers trained or not, every weight must come back
         p.data.add_(torch.randn_like(p) * 0.01)
     num_labels = None if family in ("gpt2", "llama") else 3
     spec = {**model_spec(MODEL_CFGS[family](adapter), model, num_labels, activation, router_kind,
-                         (4, 8) if attention else None),
+                         (4, attention_hidden) if attention else None),
             "metric": "loss" if family in ("gpt2", "llama") else "accuracy", "tau": 0.3, "budget": 0.5,
             "calibration": [{"tau": 0.0, "rel_cost": 1.0, "value": 0.9}, {"tau": 0.3, "rel_cost": 0.5, "value": 0.88},
                             {"tau": 1.0, "rel_cost": 0.3, "value": 0.6}],
@@ -89,7 +90,8 @@ def test_save_then_load_gives_identical_outputs(family, attention, width, tmp_pa
 
 @pytest.mark.parametrize("family, attention, router_kind, activation", [
     ("bert", False, "moefication", "keep"), ("gpt2", True, "moefication", "keep"), ("llama", False, "moefication", "keep"),
-    ("vit", False, "regression", "keep"), ("bert", True, "moefication", "relu")])
+    ("vit", False, "regression", "keep"), ("bert", True, "moefication", "relu"),
+    ("bert", True, "moefication_original", "relu")])
 def test_router_kind_and_kept_activation_survive_save_and_load(family, attention, router_kind, activation, tmp_path):
     """MoEfication routers (tanh, sigmoid) and the model's own activation (sparsity.activation=keep:
     GELU, gelu_new, SiLU) come back from the folder: the same parameters would load into regression

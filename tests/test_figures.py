@@ -127,6 +127,24 @@ def test_fig_main_panels_name_their_own_sweeps(tmp_path):
     assert summary["tiny/toy"]["sweeps"] == sweeps[:1] and summary["tiny/other"]["sweeps"] == sweeps[1:]
 
 
+def test_fig_main_adds_moefications_original_router_where_it_ran(tmp_path):
+    """Runs with MoEfication's original router get their own curve and margin; the headline margin
+    stays against the paper's MoEfication router, on its own seeds."""
+    make_run(tmp_path / "sweep" / "0", {}, {"dynk": DYNK})
+    make_run(tmp_path / "sweep" / "1", {"method": "moefication", "router": "moefication", "alpha": 0.0},
+             {"topk": TOPK})
+    original = [(k, c, v - 0.05) for k, c, v in TOPK]  # 5 points below the paper's router everywhere
+    make_run(tmp_path / "sweep" / "2", {"method": "moefication", "router": "moefication_original", "alpha": 0.0},
+             {"topk": original})
+    script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"),
+                             "--resamples", "100"])
+    summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
+    paper, own = summary["d2dmoe_minus_moefication"], summary["d2dmoe_minus_moefication_original"]
+    assert paper["at"]["0.5"]["mean"] == pytest.approx(0.88 - (0.5 + 0.35 * 2 / 3))
+    assert own["at"]["0.5"]["mean"] == pytest.approx(paper["at"]["0.5"]["mean"] + 0.05)
+    assert set(summary["chosen"]) == {"d2dmoe", "moefication", "moefication_original"}
+
+
 def test_fig_main_margin_for_each_alpha(tmp_path):
     """A second D2DMoE alpha that wins at high cost where the first loses: each alpha's margin."""
     # as a fig_main sweep lays them out: the experiment's alpha, alpha 0, MoEfication
@@ -163,7 +181,8 @@ def test_fig_main_names_the_missing_runs(tmp_path):
     with pytest.raises(SystemExit) as err:
         script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
     message = str(err.value.code)
-    assert "missing runs: MoEfication (model=tiny, data=toy, method=moefication, rule=topk)" in message
+    assert ("missing runs: MoEfication (model=tiny, data=toy, method=moefication, router=moefication, "
+            "rule=topk)") in message
     assert "python run.py -m experiment=fig_main" in message
     assert not (tmp_path / "out").exists()
 

@@ -15,7 +15,7 @@ from d2dmoe import pipeline
 from d2dmoe.attention import finish_distillation, install_projection_mlps
 from d2dmoe.moe import AllExperts, set_gate
 from d2dmoe.phases.finetune import TaskTraining
-from d2dmoe.phases.routers import capture_moe_io
+from d2dmoe.phases.routers import RouterTraining, capture_moe_io
 from d2dmoe.sparsity import capture_activations
 from tests.conftest import compose_config
 
@@ -147,6 +147,53 @@ def test_routers_learn_the_expert_norms_and_train_nothing_else(artifacts_dir):
     assert rho1 > 0.5 and rho1 > rho0 + 0.3, (rho0, rho1)
     routers = {name for name in before if ".router." in name}
     assert routers and changed_parameters(before, trained) == routers
+
+
+@torch.no_grad()
+def topk_recall(ctx: pipeline.Context, model: nn.Module, k: int) -> float:
+    """On the validation split's real tokens, every MoE layer: the mean fraction of the k experts with
+    the largest activation sums (MoEfication's ground truth) that the router's top k finds."""
+    model.eval()
+    set_gate(model, AllExperts())
+    found = []
+    for batch in ctx.data.val_dataloader():
+        mask = ctx.adapter.token_mask(batch).bool()
+        with capture_moe_io(model) as captured:
+            ctx.adapter.forward(model, batch)
+        for moe, x, h in captured:
+            true = h.abs().sum(-1)[mask].topk(k).indices  # [tokens, k]
+            pred = moe.router(x)[mask].topk(k).indices
+            found.append((true.unsqueeze(-1) == pred.unsqueeze(-2)).any(-1).float().mean(-1))
+    return float(torch.cat(found).mean())
+
+
+@torch.no_grad()
+def validation_loss(ctx: pipeline.Context, module) -> float:
+    return float(torch.stack([module.router_loss(b) for b in ctx.data.val_dataloader()]).mean())
+
+
+def test_moefication_original_router_starts_at_the_centroids_and_learns_its_bce(artifacts_dir):
+    """MoEfication's own router: its centroid start already finds far more of the most active experts
+    than chance (k/E), and 100 steps of training lower the validation BCE it is trained on. Measured
+    (2 of 8 experts): recall 0.24 (random router) -> 0.81 (centroids); BCE 0.678 -> 0.504, while the
+    recall falls to 0.69 (BCE on activation shares is not top-k recall; the router search, chosen on
+    validation, is what guards the selection)."""
+    ctx = context(artifacts_dir, "+model.config.initializer_range=0.2", "method=moefication",
+                  "routing/router=moefication_original", "routing.router.hidden=null",  # smoke sets 16
+                  "routing.router.max_steps=100", "routing.router.epochs=100")
+    sparse = ctx.adapter.install_ffns(fresh_model(ctx), nn.ReLU())
+    moe, _ = pipeline.split(ctx, sparse)
+    k = 2
+    chance = k / pipeline.num_experts(ctx.cfg, ctx.dims)
+    random_start = topk_recall(ctx, moe, k)
+    module = RouterTraining(moe, ctx.adapter)  # the routers phase's module starts the routers at their centroids
+    start, bce0 = topk_recall(ctx, moe, k), validation_loss(ctx, module)
+    before = snapshot(moe)
+    trained, _ = pipeline.train_routers(ctx, moe)
+    bce1 = validation_loss(ctx, module)  # its model is the one trained (in place)
+    assert abs(random_start - chance) < 0.1 and start > chance + 0.3, (random_start, start)
+    assert bce1 < bce0 - 0.1, (bce0, bce1)
+    assert changed_parameters(before, trained) == {name for name in before if ".router." in name}
 
 
 class CountingTraining(TaskTraining):

@@ -97,6 +97,28 @@ def test_moefication_router_has_the_same_parameters_with_tanh_and_sigmoid_scores
         Router(16, 6, kind="softmax")
 
 
+def test_moefication_original_router_starts_as_centroid_similarity_selection():
+    """Started at its centroids, MoEfication's own router ranks each token's experts by the inner
+    product of the unit-normalised token with the mean unit-normalised W1 row of each expert,
+    computed here from the FFN's neurons and the split's assignment."""
+    torch.manual_seed(0)
+    d, d_ff, E = 12, 24, 6
+    ffn = FFN(nn.Linear(d, d_ff), nn.Linear(d_ff, d), nn.ReLU())
+    experts = list(torch.randperm(d_ff).chunk(E))
+    router = Router(d, E, hidden=E, kind="moefication_original")
+    moe = MoE.from_ffn(ffn, experts, router)
+    router.start_at_centroids(moe.w1)
+    x = torch.randn(2, 5, d) * 7  # the scale must not matter: the router sees the unit-normalised input
+    rows = ffn.w1.weight.detach() / ffn.w1.weight.detach().norm(dim=1, keepdim=True)  # [d_ff, d]
+    centroids = torch.stack([rows[idx].mean(0) for idx in experts])  # [E, d]
+    similarity = (x / x.norm(dim=-1, keepdim=True)) @ centroids.T  # [2, 5, E]
+    torch.testing.assert_close(router.logits(x), torch.tanh(similarity))
+    for k in (1, 3):
+        assert torch.equal(TopKGate(k)(router(x)), TopKGate(k)(similarity))
+    with pytest.raises(ValueError, match="as wide as its 6 experts, not 8"):
+        Router(d, E, hidden=8, kind="moefication_original")
+
+
 @pytest.fixture
 def scores():
     torch.manual_seed(1)

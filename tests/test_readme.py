@@ -196,3 +196,20 @@ def test_a_panel_under_way_names_its_finished_seeds(render, tmp_path):
     assert "`minilm/carer` panel of the same benchmark (under way: seeds 0, 1 of the three finished" in render.render(tmp_path)
     carer.unlink()
     assert "`minilm/carer` panel of the same benchmark." in render.render(tmp_path)
+
+
+def test_main_figure_renders_every_panel_and_the_original_router(render, tmp_path):
+    """A figure JSON with the CARER panel and MoEfication's original router renders both, with the
+    sweep command of each panel; the CARER panel is then no longer listed as not measured."""
+    copy_inputs(render, tmp_path)
+    main = tmp_path / render.MAIN_JSON
+    panels = json.loads(main.read_text())
+    default = panels[render.DEFAULT_PANEL]
+    default["d2dmoe_minus_moefication_original"] = {**default["d2dmoe_minus_moefication"], "seeds": [0, 1]}
+    panels["minilm/carer"] = {**default, "sweeps": ["results/fig_main_carer"]}
+    main.write_text(json.dumps(panels))
+    text = render.render(tmp_path)
+    assert "`python run.py -m experiment=fig_main_carer` (MiniLM-L6 on CARER)" in text
+    assert f"--results {' '.join(default['sweeps'])} results/fig_main_carer --name fig_main_default" in text
+    assert text.count("D2DMoE minus MoEfication with its original router") == 2
+    assert "`minilm/carer` on the test split" in text and "Not measured yet" not in text

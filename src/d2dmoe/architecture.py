@@ -19,7 +19,7 @@ from torch import nn
 from .attention import install_projection_mlps, projection_hidden
 from .models import Dims
 from .phases.split import moe_skeleton
-from .validate import num_experts
+from .validate import num_experts, router_hidden
 
 STAGES = ("dense", "attention", "sparse", "moe")  # in the order the phases reach them
 
@@ -33,7 +33,7 @@ def describe(cfg: DictConfig, dims: Dims, stage: str) -> dict:
     description = {"attention": attention, "activation": cfg.sparsity.activation if "sparse" in reached else None}
     if stage == "moe":
         E = num_experts(cfg, dims)
-        description.update(num_experts=E, expert_size=dims.d_ff // E, router_hidden=int(r.hidden),
+        description.update(num_experts=E, expert_size=dims.d_ff // E, router_hidden=router_hidden(cfg, dims),
                            router_kind=r.kind)
         if attention:
             attention.update(num_experts=int(a.num_experts), router_hidden=int(a.router_hidden))

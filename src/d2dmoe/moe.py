@@ -7,6 +7,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,14 +27,18 @@ class FFN(nn.Module):
         return self.w2(h if self.up is None else h * self.up(x))
 
 
-ROUTER_KINDS = ("regression", "moefication")
+ROUTER_KINDS = ("regression", "moefication", "moefication_original")
 
 
 class Router(nn.Module):
-    """d -> hidden -> E, no biases. Two kinds (same parameters):
+    """d -> hidden -> E, no biases. Three kinds:
     - `regression` (D2DMoE): ReLU between, abs on the output; regresses each expert's output norm.
     - `moefication`: tanh between; the sigmoid of its logits is trained by BCE to predict each
-      expert's share of the layer's activation (the MoEfication baseline's router)."""
+      expert's share of the layer's activation (the MoEfication baseline as the D2DMoE paper runs it).
+    - `moefication_original`: MoEfication's own MLP selection (Zhang et al., 2022): trained like
+      `moefication`, but on the unit-normalised input, E wide (hidden = E), and starting from the
+      experts' centroids (start_at_centroids), where it ranks experts as MoEfication's similarity
+      selection does."""
 
     def __init__(self, d: int, num_experts: int, hidden: int = 128, kind: str = "regression"):
         super().__init__()
@@ -41,18 +46,28 @@ class Router(nn.Module):
             raise ValueError(f"unknown router kind {kind!r}; allowed: {list(ROUTER_KINDS)}")
         if hidden < 1:  # a zero-width router scores every expert 0: every tau would run them all
             raise ValueError(f"a router's hidden width must be >= 1, got {hidden}")
+        if kind == "moefication_original" and hidden != num_experts:
+            raise ValueError(f"a moefication_original router is as wide as its {num_experts} experts, not {hidden}")
         self.kind = kind
+        self.normalize = kind == "moefication_original"
         self.net = nn.Sequential(
             nn.Linear(d, hidden, bias=False), nn.ReLU() if kind == "regression" else nn.Tanh(),
             nn.Linear(hidden, num_experts, bias=False)
         )
 
+    def start_at_centroids(self, w1: torch.Tensor) -> None:
+        """First layer: each expert's centroid, the mean of its unit-normalised W1 rows (w1: [E, s, d]);
+        second layer: the identity. Then logit e grows with the input's alignment with expert e's rows."""
+        with torch.no_grad():
+            self.net[0].weight.copy_(F.normalize(w1.float(), dim=-1).mean(1))  # [E, d]
+            self.net[2].weight.copy_(torch.eye(w1.shape[0]))
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # [..., E]
+        return self.net(F.normalize(x, dim=-1) if self.normalize else x)  # [..., E]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores >= 0 ([..., E]) that the gates compare."""
-        out = self.net(x)
+        out = self.logits(x)
         return out.abs() if self.kind == "regression" else out.sigmoid()
 
 

@@ -28,7 +28,8 @@ from .phases.routers import RouterTraining
 from .phases.split import split_model
 from .resume import last_checkpoint, resume_callbacks
 from .stats import ActivationStats, ExpertUse
-from .validate import ConfigError, check_config, check_model, config_keys, nearest_entry, num_experts
+from .validate import (ConfigError, check_config, check_model, config_keys, nearest_entry, num_experts,
+                       router_hidden)
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ def sparsify(ctx: Context, base: nn.Module):
 
 def split(ctx: Context, sparse: nn.Module):
     e, r = ctx.cfg.experts, ctx.cfg.routing.router
-    model = split_model(ctx.adapter, sparse, num_experts(ctx.cfg, ctx.dims), r.hidden, r.kind,
+    model = split_model(ctx.adapter, sparse, num_experts(ctx.cfg, ctx.dims), router_hidden(ctx.cfg, ctx.dims), r.kind,
                         seed=e.seed, n_init=e.kmeans_n_init, attention=attention_experts(ctx.cfg))
     return model, {}
 

@@ -140,7 +140,7 @@ CHECKS: dict[str, Rule | str] = {
     "experts.impl": one_of(IMPLS),
     **{f"routing.router.{k}": rule for k, rule in TRAINING.items() if k != "warmup_fraction"},
     "routing.router.kind": one_of(ROUTER_KINDS),
-    "routing.router.hidden": at_least(1),
+    "routing.router.hidden": optional(at_least(1)),  # null: as wide as the expert count (router_hidden)
     "routing.rule": one_of(RULES),
     "routing.taus": TAUS,
     "routing.ks": list_of(at_least(1)),
@@ -228,6 +228,12 @@ def num_experts(cfg: DictConfig, dims: Dims) -> int:
     return int(e.num_experts) if e.num_experts is not None else dims.d_ff // int(e.expert_size)
 
 
+def router_hidden(cfg: DictConfig, dims: Dims) -> int:
+    """The FFN routers' hidden width: routing.router.hidden, or the expert count where it is null."""
+    hidden = cfg.routing.router.hidden
+    return num_experts(cfg, dims) if hidden is None else int(hidden)
+
+
 def check_model(cfg: DictConfig, dims: Dims) -> None:
     """Checks that need the model's shape (read from its config, no weights)."""
     e = cfg.experts
@@ -248,3 +254,11 @@ def check_model(cfg: DictConfig, dims: Dims) -> None:
         for k in cfg.routing.ks:
             if k > E:
                 raise ConfigError("routing.ks", f"k={k} exceeds the number of experts {E}")
+    if cfg.routing.router.kind == "moefication_original":  # its second layer starts at the identity
+        E = num_experts(cfg, dims)
+        if router_hidden(cfg, dims) != E:
+            raise ConfigError("routing.router.hidden", f"a moefication_original router is as wide as its {E} "
+                              f"experts: set null (or {E}), not {cfg.routing.router.hidden}")
+        if a.convert and a.router_hidden != a.num_experts:
+            raise ConfigError("attention.router_hidden", f"a moefication_original router is as wide as its "
+                              f"{a.num_experts} experts (attention.num_experts), not {a.router_hidden}")

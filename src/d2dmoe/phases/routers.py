@@ -1,5 +1,6 @@
 """`routers`: train one router per MoE layer, base frozen. D2DMoE's regression router learns each
-expert's output norm (MSE); MoEfication's router learns each expert's share of the activations (BCE)."""
+expert's output norm (MSE); MoEfication's routers (both kinds) learn each expert's share of the
+activations (BCE)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -60,6 +61,8 @@ class RouterTraining(L.LightningModule):
         model.requires_grad_(False)
         for moe in moe_layers(model):
             moe.router.requires_grad_(True)
+            if moe.router.kind == "moefication_original":  # MoEfication's own start: its similarity selection
+                moe.router.start_at_centroids(moe.w1)
         set_gate(model, AllExperts())  # targets are computed with every expert run (one masked matmul)
 
     def configure_model(self) -> None:
