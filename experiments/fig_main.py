@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                     fmt="k*", ms=12, label="dense (converged reference)")
         ax.set_xlabel(COST_LABEL)
         ax.set_ylabel(metric_label(metric))
-        ax.set_title(f"{model} on {data}: seeds {', '.join(map(str, seeds))}; 95% bootstrap bands "
+        ax.set_title(f"{model} on {data}: seeds {', '.join(map(str, seeds))};\n95% bootstrap bands "
                      "(seeds and test examples)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                                                   args.resamples)
         summary[f"{model}/{data}"] = s
         report(f"{model}/{data}", s)
-    fig.suptitle(f"D2DMoE vs MoEfication  ({TAU_NOTE})", fontsize=9)
+    fig.suptitle(f"D2DMoE vs MoEfication  ({TAU_NOTE})", fontsize=9, y=1.04)
     paths = save(fig, args.out, args.name)
     (paths[0].with_suffix(".json")).write_text(json.dumps(summary, indent=2))
     print("wrote", *paths, paths[0].with_suffix(".json"))
