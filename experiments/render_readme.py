@@ -113,9 +113,7 @@ def main_figure(root: Path) -> list[str]:
             out += [f"On the test split the points chosen on validation average {100 * -gap:.2f} points below "
                     f"dense: past the {100 * c['tolerance']:g}-point bar they keep on validation.", ""]
         if o := s.get("d2dmoe_minus_moefication_original"):  # MoEfication's own router, where the sweep ran it
-            parts = [f"at rel_cost {cost} {describe(r, 'margin', metric)}" for cost, r in o["at"].items()]
-            if o["worst"]:
-                parts.append(f"at its worst point ({o['worst']['rel_cost']:.3f}) {describe(o['worst'], 'margin', metric)}")
+            parts = margin_parts(o, metric)
             lead = o["moefication_leads_excluding_0"]
             out += [f"D2DMoE minus MoEfication with its original router (`routing/router=moefication_original`: "
                     f"unit-normalised input, started at the experts' centroids; seeds {', '.join(map(str, o['seeds']))}, "
@@ -123,8 +121,7 @@ def main_figure(root: Path) -> list[str]:
                     f"{'nowhere' if lead is None else f'from rel_cost {lead[0]:.3f} to {lead[1]:.3f}'}.", ""]
         others = {a: row for a, row in s.get("by_alpha", {}).items() if not math.isclose(float(a), s["alpha"])}
         for a, row in others.items():  # the same comparison at the other alphas run
-            parts = [f"at rel_cost {cost} {describe(r, 'margin', metric)}" for cost, r in row["at"].items()]
-            parts.append(f"at its worst point ({row['worst']['rel_cost']:.3f}) {describe(row['worst'], 'margin', metric)}")
+            parts = margin_parts(row, metric)
             out += [f"D2DMoE minus MoEfication with D2DMoE at alpha {a} instead (seeds "
                     f"{', '.join(map(str, row['seeds']))}, test): {'; '.join(parts)}.", ""]
         if panel == DEFAULT_PANEL and not math.isclose(s["alpha"], default_alpha()):
@@ -138,6 +135,14 @@ def main_figure(root: Path) -> list[str]:
                      f"finished, in `{PANEL_JSON[panel]}` and [docs/results.md](docs/results.md))") if seeds else ""
         out += [f"Not measured yet: the `{panel}` panel of the same benchmark{under_way}.", ""]
     return out
+
+
+def margin_parts(row: dict, metric: str) -> list[str]:
+    """A margin summary (fig_main.margins) as phrases: at each checked rel_cost, and at its worst point."""
+    parts = [f"at rel_cost {cost} {describe(r, 'margin', metric)}" for cost, r in row["at"].items()]
+    if row["worst"]:
+        parts.append(f"at its worst point ({row['worst']['rel_cost']:.3f}) {describe(row['worst'], 'margin', metric)}")
+    return parts
 
 
 def targets(panel: str, c: dict, m: dict) -> str:
