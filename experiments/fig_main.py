@@ -42,10 +42,10 @@ from d2dmoe.figures import (
     TAU_NOTE,
     MissingRuns,
     cheapest_by_seed,
+    choose_by_seed,
     compare,
     default_alpha,
     load_runs,
-    matches,
     metric_label,
     pyplot,
     save,
@@ -67,10 +67,7 @@ def original_router(runs: list, model: str, data: str, d2d: dict) -> dict:
     """MoEfication with its original router (routing/router=moefication_original), per seed (each
     seed's router setting chosen on validation), on the seeds D2DMoE has; {} where none ran."""
     want = {"model": model, "data": data, "method": "moefication", "router": "moefication_original", "rule": "topk"}
-    if not any(matches(r.setting, want) for r in runs):
-        return {}
-    by_seed = select_seeds(runs, {"original": want}, "fig_main", COMMAND)["original"]
-    return {seed: run for seed, run in by_seed.items() if seed in d2d}
+    return {seed: run for seed, run in choose_by_seed(runs, want).items() if seed in d2d}
 
 
 def panel_alphas(runs: list, model: str, data: str) -> list[float]:
