@@ -11,7 +11,8 @@ The block (between `<!-- results:begin -->` and `<!-- results:end -->`) is made 
 - benchmark/bench_wallclock.json, its "model" and "model_int8" rows (experiments/bench_wallclock.py):
   the converted default at each tau against its dense model, counted cost, metric and wall time, in
   float32 and with int8;
-- every benchmark/*.json that experiments/benchmark.py wrote (a "wall_s" key): one row per preset.
+- every benchmark/*.json that experiments/benchmark.py wrote (a "wall_s" key): one row per preset;
+- every figures/curve_*.json (experiments/fig_curve.py): one run's curve, test beside validation.
 
 Every number says the split it was measured on: the JSON's own "split" key where it has one, else
 the split the script that wrote it measures on (SPLIT_OF; tests/test_readme.py checks those scripts).
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from d2dmoe.evidence import describe
 from d2dmoe.figures import default_alpha
-from d2dmoe.results import TOLERANCE, cheapest_within
+from d2dmoe.results import TOLERANCE, cheapest_within, label
+from d2dmoe.tasks import higher_is_better
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- results:begin -->"
@@ -37,6 +39,7 @@ MAIN_FIGURE = "figures/fig_main_default.png"
 WALLCLOCK_JSON = "benchmark/bench_wallclock.json"
 CHOSEN_JSON = "figures/choose_sparsity.json"
 BENCHMARK_DIR = "benchmark"
+CURVES = "figures/curve_*.json"  # experiments/fig_curve.py
 # the main figure's benchmark targets per panel: the mean lowest rel_cost within 1 point of dense
 CHEAPEST_TARGET = {"minilm/bbc_news": 0.42, "minilm/carer": 0.45}
 DEFAULT_PANEL = "minilm/bbc_news"  # the built-in default's model and data
@@ -50,7 +53,7 @@ INT8_SPEEDUP_TARGET = 4.0  # issue 26: converted + int8 against dense float32, w
 # The split each script measures on, for JSON files that do not say. benchmark.py and fig_main.py read
 # run.py's points.jsonl, whose points pipeline.evaluate_phase measures on the test split (each point
 # carries "split": "test"); bench_wallclock.py's whole-model rows run over the test dataloader.
-SPLIT_OF = {"benchmark.py": "test", "fig_main.py": "test", "bench_wallclock.py": "test"}
+SPLIT_OF = {"benchmark.py": "test", "fig_main.py": "test", "bench_wallclock.py": "test", "fig_curve.py": "test"}
 # bench_wallclock.py's model rows; the other key is the metric
 ROW_KEYS = {"tau", "rel_cost", "time_ratio", "ms", "val_rel_cost", "val_value"}
 
@@ -318,11 +321,47 @@ def benchmarks(root: Path) -> list[str]:
     return out + [""]
 
 
+def curves(root: Path) -> list[str]:
+    """One run's curve per figures/curve_*.json: its figure, its points on test and validation, and the
+    cheapest point within the bar chosen on validation, or plainly none."""
+    out = []
+    for path in sorted(root.glob(CURVES)):
+        c = json.loads(path.read_text())
+        metric, split, dense, pts = c["metric"], split_of(c, "fig_curve.py"), c["dense"], c["points"]
+        what = f"`{c['model']}` on `{c['data']}`"
+        out += [f"One run's curve, {what} ({c['method']} at alpha {c['alpha']:g}, {c['num_experts']} experts, "
+                f"seed {c['seed']}; one seed, so no interval), reported on the {split} split and chosen on "
+                f"validation: `{c['command']}`, then `{c['made_by']}` (`{path.relative_to(root).as_posix()}`).", "",
+                f"![{c['model']} on {c['data']}]({path.with_suffix('.png').relative_to(root).as_posix()})", "",
+                f"| point ({split} unless it says validation) | dense | " + " | ".join(label(p) for p in pts) + " |",
+                "|---|" + "---|" * (len(pts) + 1),
+                f"| rel_cost ({split}) | 1.000 | " + " | ".join(f"{p['rel_cost']:.3f}" for p in pts) + " |",
+                f"| {split} {metric} | {value(metric, dense['value'])} | "
+                + " | ".join(value(metric, p["value"]) for p in pts) + " |",
+                f"| validation {metric} | {value(metric, dense['val_value'])} | "
+                + " | ".join(value(metric, p["val_value"]) for p in pts) + " |",
+                f"| experts/token ({split}) | | " + " | ".join(f"{p['experts_per_token']:.1f}" for p in pts) + " |", ""]
+        best = c["cheapest"]
+        if best is not None:
+            out.append(f"The cheapest point whose validation {metric} is within the bar ({bar(metric, c['tolerance'])}) "
+                       f"is {label(best)}: rel_cost {best['rel_cost']:.3f}, {metric} {value(metric, best['value'])} "
+                       f"against dense's {value(metric, dense['value'])} ({split}).")
+        else:
+            sign = 1 if higher_is_better(metric) else -1
+            near = max(pts, key=lambda p: sign * p["val_value"])
+            out.append(f"No converted point keeps the dense quality on validation ({bar(metric, c['tolerance'])}): "
+                       f"the closest, {label(near)} at rel_cost {near['val_rel_cost']:.3f}, has a validation {metric} "
+                       f"of {value(metric, near['val_value'])} against dense's {value(metric, dense['val_value'])}.")
+        out.append("")
+    return out
+
+
 def render(root: Path = ROOT) -> str:
     """The block's text between the markers (the markers excluded)."""
     lines = ["<!-- made by `python experiments/render_readme.py` from the JSON files named below: "
              "edit those (or the script), not this block -->", "",
-             *main_figure(root), *chosen_defaults(root), *wallclock(root), *benchmarks(root)]
+             *main_figure(root), *chosen_defaults(root), *wallclock(root), *benchmarks(root),
+             *curves(root)]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

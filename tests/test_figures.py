@@ -304,3 +304,22 @@ def test_fig_main_headlines_the_default_alpha(tmp_path):
                              "--resamples", "50"])
     summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
     assert summary["alpha"] == DEFAULT_ALPHA != 0.003 and set(summary["by_alpha"]) == {"0.003", f"{DEFAULT_ALPHA:g}"}
+
+
+def test_fig_curve_records_one_run_and_chooses_on_validation(tmp_path):
+    """Test numbers would pick tau 1 (within 1 point at rel_cost 0.3); validation picks tau 0.3 (rel_cost
+    0.5): the record's cheapest point is validation's, reported with its test numbers."""
+    run = make_run(tmp_path / "run", {}, {"dynk": [(0.0, 1.0, 0.9), (0.3, 0.5, 0.85), (1.0, 0.3, 0.895)]},
+                   val={"dynk": [(1.0, 0.9), (0.5, 0.895), (0.3, 0.7)]})
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=gemma3_bbc\n- logger=none\n")
+    out = tmp_path / "figures"
+    script("fig_curve").main([str(run), "--out", str(out)])
+    rec = json.loads((out / "curve_run.json").read_text())
+    assert outputs(out, "curve_run")
+    assert rec["command"] == f"python run.py experiment=gemma3_bbc logger=none hydra.run.dir={run.as_posix()}"
+    assert rec["split"] == "test" and rec["chosen_on"] == "validation"
+    assert [p["tau"] for p in rec["points"]] == [0.0, 0.3, 1.0]
+    assert rec["cheapest"]["tau"] == 0.3 and rec["cheapest"]["value"] == 0.85
+    with pytest.raises(SystemExit, match="has no points.jsonl"):
+        script("fig_curve").main([str(tmp_path / "unfinished")])

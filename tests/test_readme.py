@@ -40,7 +40,8 @@ def code_blocks(text: str) -> list[str]:
 def copy_inputs(render, dest: Path) -> Path:
     """The README and every JSON file the renderer reads, under dest."""
     for rel in [render.MAIN_JSON, render.WALLCLOCK_JSON, *render.PANEL_JSON.values(),
-                *(p.relative_to(ROOT).as_posix() for p in (ROOT / render.BENCHMARK_DIR).glob("*.json"))]:
+                *(p.relative_to(ROOT).as_posix() for p in (ROOT / render.BENCHMARK_DIR).glob("*.json")),
+                *(p.relative_to(ROOT).as_posix() for p in ROOT.glob(render.CURVES))]:
         if not (ROOT / rel).is_file():  # a panel not started
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -218,3 +219,27 @@ def test_main_figure_renders_every_panel_and_the_original_router(render, tmp_pat
     assert text.count("D2DMoE minus MoEfication with its original router") == 2
     assert "`minilm/carer` on the test split" in text and "Not measured yet" not in text
     assert text.count("average 1.08 points below dense: past the 1-point bar") == 1
+
+
+def test_a_runs_curve_renders_with_its_choice_or_plainly_none(render, tmp_path):
+    """figures/curve_*.json (experiments/fig_curve.py) renders as a table of test and validation numbers
+    and the cheapest point within the bar on validation, or, where no point is, the closest one."""
+    copy_inputs(render, tmp_path)
+    point = {"rule": "dynk", "k": None, "experts_per_token": 3.0}
+    curve = {"run": "results/lm", "command": "python run.py experiment=lm hydra.run.dir=results/lm",
+             "made_by": "python experiments/fig_curve.py results/lm --name curve_lm", "model": "lm", "data": "text",
+             "method": "d2dmoe", "alpha": 0.01, "num_experts": 8, "seed": 0, "metric": "loss", "tolerance": 0.02,
+             "split": "test", "chosen_on": "validation", "dense": {"value": 3.5, "val_value": 3.4, "macs": 10.0},
+             "points": [{**point, "tau": 0.0, "rel_cost": 1.02, "val_rel_cost": 1.02, "value": 3.55, "val_value": 3.45},
+                        {**point, "tau": 0.5, "rel_cost": 0.6, "val_rel_cost": 0.61, "value": 3.52, "val_value": 3.9}]}
+    curve["cheapest"] = curve["points"][0]
+    (tmp_path / "figures" / "curve_lm.json").write_text(json.dumps(curve))
+    text = render.render(tmp_path)
+    assert "`python run.py experiment=lm hydra.run.dir=results/lm`, then `python experiments/fig_curve.py" in text
+    assert "![lm on text](figures/curve_lm.png)" in text
+    assert "| test loss | 3.500 | 3.550 | 3.520 |\n| validation loss | 3.400 | 3.450 | 3.900 |" in text
+    assert "within the bar (loss at most 2% above dense) is tau=0: rel_cost 1.020, loss 3.550" in text
+    curve["cheapest"] = None
+    (tmp_path / "figures" / "curve_lm.json").write_text(json.dumps(curve))
+    assert ("No converted point keeps the dense quality on validation (loss at most 2% above dense): the closest, "
+            "tau=0 at rel_cost 1.020, has a validation loss of 3.450 against dense's 3.400.") in render.render(tmp_path)
