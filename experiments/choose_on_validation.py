@@ -3,6 +3,10 @@ setting whose lowest validation rel_cost within 1 point of dense is lowest, aver
 
     python run.py -m experiment=choose_sparsity && python experiments/choose_on_validation.py
     python experiments/choose_on_validation.py --results results/my_sweep --keys sparsity.alpha
+    python experiments/choose_on_validation.py --results results/sweep results/sweep_rerun --name my_choice
+
+Several directories are read as one sweep (jobs of a stopped sweep named again into another
+directory, say).
 
 Per job: its value of each key (from the job's .hydra/config.yaml; by default the keys the sweep
 varied, besides `seed`), its seed, and D2DMoE's point of lowest validation rel_cost whose
@@ -26,10 +30,16 @@ from d2dmoe.evidence import validation_score
 from d2dmoe.figures import MissingRuns, Run, cheapest_by_seed, load_runs
 
 
-def swept_keys(sweep_dir: Path) -> list[str]:
-    """The keys a Hydra multirun varied (its multirun.yaml), besides the seed."""
-    params = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweeper.params or {}
-    return [k for k in params if k != "seed"]
+def swept_keys(sweep_dirs: list[Path]) -> list[str]:
+    """The keys the Hydra multiruns varied (their multirun.yaml), besides the seed, in order."""
+    keys = []
+    for d in sweep_dirs:
+        if (d / "multirun.yaml").exists():
+            params = OmegaConf.load(d / "multirun.yaml").hydra.sweeper.params or {}
+            keys += [k for k in params if k != "seed" and k not in keys]
+    if not keys:
+        sys.exit(f"no multirun.yaml naming swept keys under {', '.join(map(str, sweep_dirs))}: give --keys")
+    return keys
 
 
 def setting_of(run_dir: Path, keys: list[str]) -> tuple:
@@ -56,19 +66,24 @@ def choose(settings: dict[tuple, dict[int, Run]], rule: str) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default="results/choose_sparsity", help="a sweep directory")
+    parser.add_argument("--results", nargs="+", default=["results/choose_sparsity"],
+                        help="sweep directories, read as one sweep")
     parser.add_argument("--keys", nargs="+", default=None, help="config keys to choose (default: those swept)")
     parser.add_argument("--rule", default="dynk", help="the selection rule whose points are chosen among")
     parser.add_argument("--out", default="figures")
-    parser.add_argument("--name", default=None, help="output name (default: the sweep directory's name)")
+    parser.add_argument("--name", default=None, help="output name (default: the first sweep directory's name)")
     args = parser.parse_args(argv)
 
-    sweep = Path(args.results)
-    keys = args.keys or swept_keys(sweep)
+    sweeps = [Path(r) for r in args.results]
+    sweep = ", ".join(map(str, sweeps))
+    keys = args.keys or swept_keys(sweeps)
     settings: dict[tuple, dict[int, Run]] = {}
-    for run in load_runs(sweep):
+    for run in load_runs(*sweeps):
         if run.curve(args.rule):
-            settings.setdefault(setting_of(run.dir, keys), {})[run.seed] = run
+            by_seed = settings.setdefault(setting_of(run.dir, keys), {})
+            if run.seed in by_seed:  # the same job twice: which to keep is not for this script to guess
+                sys.exit(f"{by_seed[run.seed].dir} and {run.dir} are the same setting and seed: remove one")
+            by_seed[run.seed] = run
     if not settings:
         sys.exit(f"no runs with {args.rule} points under {sweep}")
     try:
@@ -91,9 +106,11 @@ def main(argv=None) -> int:
              f"mean of {test['rel_cost']['n']} seed(s)" if test["rel_cost"]["n"] else "none within"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name or sweep.name}.json"
+    name = args.name or sweeps[0].name
+    path = out / f"{name}.json"
+    command = " ".join(["python experiments/choose_on_validation.py --results", *map(str, sweeps), "--name", name])
     path.write_text(json.dumps({
-        "results": str(sweep), "keys": keys, "rule": args.rule, "chosen_on": "validation",
+        "results": [str(s) for s in sweeps], "command": command, "keys": keys, "rule": args.rule, "chosen_on": "validation",
         "metric": next(iter(best["runs"].values())).dense["metric"],
         "chosen": dict(zip(keys, best["setting"])),
         "settings": [{**dict(zip(keys, r["setting"])),

@@ -11,6 +11,8 @@ The block (between `<!-- results:begin -->` and `<!-- results:end -->`) is made 
 - benchmark/bench_wallclock.json, its "model" and "model_int8" rows (experiments/bench_wallclock.py):
   the converted default at each tau against its dense model, counted cost, metric and wall time, in
   float32 and with int8;
+- figures/choose_sparsity*.json (experiments/choose_on_validation.py): how the default's and
+  minilm_carer's sparsity settings were chosen on validation, and whether each preset uses the choice;
 - every benchmark/*.json that experiments/benchmark.py wrote (a "wall_s" key): one row per preset;
 - every figures/curve_*.json (experiments/fig_curve.py): one run's curve, test beside validation.
 
@@ -26,6 +28,8 @@ import math
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from d2dmoe.evidence import describe
 from d2dmoe.figures import default_alpha
 from d2dmoe.results import TOLERANCE, cheapest_within, label
@@ -37,7 +41,10 @@ END = "<!-- results:end -->"
 MAIN_JSON = "figures/fig_main_default.json"
 MAIN_FIGURE = "figures/fig_main_default.png"
 WALLCLOCK_JSON = "benchmark/bench_wallclock.json"
-CHOSEN_JSON = "figures/choose_sparsity.json"
+# choose_on_validation.py's files: the preset each chooses for (None: the built-in default), the sweep
+# that makes it (python run.py -m experiment=...), and whose settings they are
+CHOSEN = {"figures/choose_sparsity.json": (None, "choose_sparsity", "The default's"),
+          "figures/choose_sparsity_carer.json": ("minilm_carer", "choose_sparsity_carer", "`experiment=minilm_carer`'s")}
 BENCHMARK_DIR = "benchmark"
 CURVES = "figures/curve_*.json"  # experiments/fig_curve.py
 # the main figure's benchmark targets per panel: the mean lowest rel_cost within 1 point of dense
@@ -163,15 +170,33 @@ def targets(panel: str, c: dict, m: dict) -> str:
     return "Targets, on the test split (the choices made on validation): " + "; ".join(said) + "."
 
 
-def chosen_defaults(root: Path) -> list[str]:
-    """How the default's sparsity settings were chosen, from experiments/choose_on_validation.py's JSON."""
-    if not (root / CHOSEN_JSON).exists():
-        return []
-    data = json.loads((root / CHOSEN_JSON).read_text())
+def preset_values(experiment: str | None, keys: list[str]) -> list:
+    """The values `keys` take in a preset as its configs compose now (the built-in default: None)."""
+    from hydra import compose, initialize_config_dir
+
+    from d2dmoe.cli import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"] if experiment else [])
+    return [OmegaConf.select(cfg, k) for k in keys]
+
+
+def chosen_settings(root: Path) -> list[str]:
+    """How presets' sparsity settings were chosen, from experiments/choose_on_validation.py's JSON files,
+    and whether each preset uses the choice now."""
+    out = []
+    for rel, (experiment, sweep, whose) in CHOSEN.items():
+        if (root / rel).exists():
+            out += chosen_setting(json.loads((root / rel).read_text()), rel, experiment, sweep, whose)
+    return out
+
+
+def chosen_setting(data: dict, rel: str, experiment: str | None, sweep: str, whose: str) -> list[str]:
     keys, metric, test = data["keys"], data["metric"], data["chosen_test"]
     verb = "were" if len(keys) > 1 else "was"
-    out = [f"The default's {' and '.join(f'`{k}`' for k in keys)} {verb} chosen on validation: `python run.py -m "
-           f"experiment=choose_sparsity && python experiments/choose_on_validation.py` (`{CHOSEN_JSON}`). Each "
+    command = data.get("command", "python experiments/choose_on_validation.py")
+    out = [f"{whose} {' and '.join(f'`{k}`' for k in keys)} {verb} chosen on validation: `python run.py -m "
+           f"experiment={sweep}{'' if experiment is None else ' data.path=...'} && {command}` (`{rel}`). Each "
            f"setting's score is its lowest validation rel_cost whose validation {metric} is within the bar "
            f"({bar(metric, test['tolerance'])}, against its own dense reference), averaged over seeds (lower is "
            "better; a seed with no such point counts as 1).",
@@ -186,7 +211,12 @@ def chosen_defaults(root: Path) -> list[str]:
     rows = data["settings"]
     gap = (f" Its score is {rows[1]['val_rel_cost'] - rows[0]['val_rel_cost']:.3f} below the next setting's."
            if len(rows) > 1 else "")
-    out += ["", f"Chosen: {chosen}.{gap} Its chosen points on the test split: "
+    now = preset_values(experiment, keys)
+    preset = "The built-in default" if experiment is None else f"`experiment={experiment}`"
+    differ = [f"`{k}={v:g}`" for k, v, c in zip(keys, now, data["chosen"].values()) if not math.isclose(v, c)]
+    uses = (f" {preset} uses it." if not differ else
+            f" {preset} still sets {', '.join(differ)}: it has not been moved to the choice yet.")
+    out += ["", f"Chosen: {chosen}.{gap}{uses} Its chosen points on the test split: "
             + (f"rel_cost {describe(test['rel_cost'], 'cost', metric)}, {metric} minus dense "
                f"{describe(test['minus_dense'], 'margin', metric)} ({found} seed(s))." if found
                else "none within the bar."), ""]
@@ -360,7 +390,7 @@ def render(root: Path = ROOT) -> str:
     """The block's text between the markers (the markers excluded)."""
     lines = ["<!-- made by `python experiments/render_readme.py` from the JSON files named below: "
              "edit those (or the script), not this block -->", "",
-             *main_figure(root), *chosen_defaults(root), *wallclock(root), *benchmarks(root),
+             *main_figure(root), *chosen_settings(root), *wallclock(root), *benchmarks(root),
              *curves(root)]
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -288,9 +288,23 @@ def test_choose_on_validation_ignores_test(tmp_path):
     assert [(s["sparsity.alpha"], s["val_rel_cost"]) for s in summary["settings"]] == [(0.01, 0.5), (0.001, 1.0)]
     reported = summary["chosen_test"]["per_seed"]
     assert list(reported) == ["0", "1"] and all(r["rel_cost"] == 0.5 and r["value"] == 0.8 for r in reported.values())
-    readme = "\n".join(script("render_readme").chosen_defaults(tmp_path))  # the README's account of it
+    render = script("render_readme")
+    readme = "\n".join(render.chosen_settings(tmp_path))  # the README's account of it
     assert "| 0.01 | 0, 1 | 0.500 (0.500, 0.500) |\n| 0.001 | 0, 1 | 1.000 (1.000, 1.000) |" in readme
-    assert "Chosen: `sparsity.alpha=0.01`. Its score is 0.500 below the next setting's. Its chosen points on the test split: rel_cost 0.500" in readme
+    uses = ("The built-in default uses it." if default_alpha() == 0.01
+            else f"The built-in default still sets `sparsity.alpha={default_alpha():g}`")
+    assert f"Chosen: `sparsity.alpha=0.01`. Its score is 0.500 below the next setting's. {uses}" in readme
+    assert "Its chosen points on the test split: rel_cost 0.500" in readme
+
+    # the same choice for minilm_carer, against the alpha it sets now: said plainly where they differ
+    carer_alpha, = render.preset_values("minilm_carer", ["sparsity.alpha"])
+    summary["chosen"] = {"sparsity.alpha": 3 * carer_alpha}
+    (tmp_path / "figures" / "choose_sparsity_carer.json").write_text(json.dumps(summary))
+    readme = "\n".join(render.chosen_settings(tmp_path))
+    assert "`experiment=minilm_carer`'s `sparsity.alpha` was chosen on validation: `python run.py -m " \
+           "experiment=choose_sparsity_carer data.path=... && python experiments/choose_on_validation.py " \
+           f"--results {sweep} --name choose_sparsity`" in readme
+    assert f"`experiment=minilm_carer` still sets `sparsity.alpha={carer_alpha:g}`: it has not been moved" in readme
 
 
 def test_fig_main_headlines_the_default_alpha(tmp_path):
@@ -323,3 +337,29 @@ def test_fig_curve_records_one_run_and_chooses_on_validation(tmp_path):
     assert rec["cheapest"]["tau"] == 0.3 and rec["cheapest"]["value"] == 0.85
     with pytest.raises(SystemExit, match="has no points.jsonl"):
         script("fig_curve").main([str(tmp_path / "unfinished")])
+
+
+def test_choose_on_validation_reads_several_sweeps_as_one(tmp_path):
+    """A stopped sweep's missing job named again into another directory counts with the first; the
+    same setting and seed twice is refused, not silently dropped."""
+    def job(path: Path, alpha: float, seed: int, val_cost: float):
+        run = make_run(path, {"alpha": alpha, "seed": seed}, {"dynk": [(0.0, 1.0, 0.9), (0.3, 0.5, 0.9)]},
+                       val={"dynk": [(1.0, 0.9), (val_cost, 0.9)]})
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nsparsity: {{alpha: {alpha}}}\n")
+
+    first, second = tmp_path / "sweep", tmp_path / "sweep_b"
+    job(first / "0", 0.01, 0, 0.5)
+    job(first / "1", 0.03, 0, 0.4)
+    job(second / "0", 0.01, 1, 0.5)
+    job(second / "1", 0.03, 1, 0.8)
+    (first / "multirun.yaml").write_text("hydra:\n  sweeper:\n    params:\n      seed: 0,1\n      sparsity.alpha: 0.01,0.03\n")
+    choose = script("choose_on_validation").main
+    choose(["--results", str(first), str(second), "--out", str(tmp_path / "figures"), "--name", "both"])
+    summary = json.loads((tmp_path / "figures" / "both.json").read_text())
+    assert summary["chosen"] == {"sparsity.alpha": 0.01}  # 0.5 on both seeds against 0.4 and 0.8
+    assert [s["seeds"] for s in summary["settings"]] == [[0, 1], [0, 1]]
+    assert summary["command"] == f"python experiments/choose_on_validation.py --results {first} {second} --name both"
+    job(second / "2", 0.01, 0, 0.3)  # seed 0 of alpha 0.01 again
+    with pytest.raises(SystemExit, match="are the same setting and seed"):
+        choose(["--results", str(first), str(second), "--out", str(tmp_path / "figures")])
