@@ -7,6 +7,8 @@ one panel per model and dataset, over every seed found, with the evidence for th
 
 What the summary (printed, and <name>.json) holds per panel, and where each number comes from:
 
+- `alpha`, `sparsity_epochs`: D2DMoE's sparsity settings in the panel (the epochs from its runs'
+  .hydra/config.yaml), so that the README can say when a preset has moved on from them.
 - `chosen`: per method and seed, the router setting (lr, epochs) the sweep searched, chosen on
   validation (figures.choose_by_seed): each method gets the same search.
 - `dense`: the dense reference's test metric, mean and 95% t-interval over seeds.
@@ -34,6 +36,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from d2dmoe.evidence import curve_band, describe, t_interval
 from d2dmoe.figures import (
@@ -81,6 +84,20 @@ def headline_alpha(runs: list, model: str, data: str) -> dict:
     them, else the first found (the other alphas go to `by_alpha`)."""
     default = default_alpha()
     return {"alpha": default} if any(math.isclose(a, default) for a in panel_alphas(runs, model, data)) else {}
+
+
+def sparsify_epochs(runs: dict) -> int | None:
+    """The sparsify epochs D2DMoE's runs trained (their .hydra/config.yaml; None where a run lacks it):
+    the points record alpha, not this."""
+    epochs = set()
+    for run in runs.values():
+        config = run.dir / ".hydra" / "config.yaml"
+        if not config.exists():
+            return None
+        epochs.add(OmegaConf.load(config).sparsity.epochs)
+    if len(epochs) > 1:
+        sys.exit(f"fig_main: a panel's seeds trained sparsify for different epochs ({sorted(epochs)}): one per panel")
+    return epochs.pop() if epochs else None
 
 
 def mean_curve(runs: dict, rule: str, resamples: int) -> tuple[np.ndarray, dict]:
@@ -145,7 +162,8 @@ def main(argv=None) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         used = [r.dir.resolve() for r in runs if (r.setting["model"], r.setting["data"]) == (model, data)]
-        s = {"metric": metric, "split": "test", "seeds": seeds, "alpha": alpha, "dense": dense,
+        s = {"metric": metric, "split": "test", "seeds": seeds, "alpha": alpha,
+             "sparsity_epochs": sparsify_epochs(d2d), "dense": dense,
              "sweeps": [d for d in args.results if any(Path(d).resolve() in u.parents for u in used)],
              "chosen": {"d2dmoe": {str(k): r.tuned for k, r in d2d.items()},
                         "moefication": {str(k): r.tuned for k, r in moef.items()}},

@@ -31,7 +31,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from d2dmoe.evidence import describe
-from d2dmoe.figures import default_alpha
 from d2dmoe.results import TOLERANCE, cheapest_within, label
 from d2dmoe.tasks import higher_is_better
 
@@ -134,9 +133,7 @@ def main_figure(root: Path) -> list[str]:
             parts = margin_parts(row, metric)
             out += [f"D2DMoE minus MoEfication with D2DMoE at alpha {a} instead (seeds "
                     f"{', '.join(map(str, row['seeds']))}, test): {'; '.join(parts)}.", ""]
-        if panel == DEFAULT_PANEL and not math.isclose(s["alpha"], default_alpha()):
-            out += [f"This benchmark ran D2DMoE at alpha {s['alpha']:g}; the default's alpha is now {default_alpha():g} "
-                    "(chosen on validation, below), and the benchmark has not been re-run at it.", ""]
+        out += moved_on(panel, s)
     missing = sorted(set(CHEAPEST_TARGET) - set(panels))
     for panel in missing:  # a panel under way has its own figure file with the seeds finished so far
         so_far = root / PANEL_JSON.get(panel, "none")
@@ -145,6 +142,22 @@ def main_figure(root: Path) -> list[str]:
                      f"finished, in `{PANEL_JSON[panel]}` and [docs/results.md](docs/results.md))") if seeds else ""
         out += [f"Not measured yet: the `{panel}` panel of the same benchmark{under_way}.", ""]
     return out
+
+
+def moved_on(panel: str, s: dict) -> list[str]:
+    """Where the panel's preset now sets other sparsity settings than the panel ran, said plainly."""
+    experiment = PANEL_EXPERIMENT[panel][0] if panel in PANEL_EXPERIMENT else None
+    if experiment is None:
+        return []
+    ran = {"sparsity.alpha": s["alpha"], "sparsity.epochs": s.get("sparsity_epochs")}
+    ran = {k: v for k, v in ran.items() if v is not None}  # epochs: in figure files since 1 Dec
+    now = dict(zip(ran, preset_values(experiment, list(ran))))
+    moved = [k for k in ran if not math.isclose(ran[k], now[k])]
+    if not moved:
+        return []
+    return [f"This panel ran D2DMoE at {', '.join(f'`{k}={ran[k]:g}`' for k in ran)}; `experiment={experiment}` now "
+            f"sets {', '.join(f'`{k}={now[k]:g}`' for k in moved)} (chosen on validation, below), and the panel has "
+            "not been re-run at it.", ""]
 
 
 def margin_parts(row: dict, metric: str) -> list[str]:

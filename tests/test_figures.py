@@ -125,6 +125,21 @@ def test_fig_main_panels_name_their_own_sweeps(tmp_path):
     script("fig_main").main(["--results", *sweeps, "--out", str(tmp_path / "out"), "--resamples", "50"])
     summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())
     assert summary["tiny/toy"]["sweeps"] == sweeps[:1] and summary["tiny/other"]["sweeps"] == sweeps[1:]
+    assert summary["tiny/toy"]["sparsity_epochs"] is None  # runs without their .hydra config
+
+
+def test_fig_main_records_the_panels_sparsify_epochs(tmp_path):
+    """The points carry alpha but not the sparsify epochs: the panel takes them from its D2DMoE runs'
+    configs, so that the README can tell when a preset has moved on from them."""
+    d2dmoe = make_run(tmp_path / "sweep" / "0", {}, {"dynk": DYNK})
+    make_run(tmp_path / "sweep" / "1", {"method": "moefication", "router": "moefication", "alpha": 0.0},
+             {"topk": TOPK})
+    (d2dmoe / ".hydra").mkdir()
+    (d2dmoe / ".hydra" / "config.yaml").write_text("sparsity: {alpha: 0.01, epochs: 2}\n")
+    script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"),
+                             "--resamples", "50"])
+    summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
+    assert summary["sparsity_epochs"] == 2 and summary["alpha"] == 0.01
 
 
 def test_fig_main_adds_moefications_original_router_where_it_ran(tmp_path):

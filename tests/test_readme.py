@@ -114,18 +114,31 @@ def test_rendered_numbers_name_their_split(render):
             assert any(n in line for n in named), line
 
 
-def test_main_figure_is_of_the_current_default(render):
-    """The README calls the figure the built-in default's: it must hold a D2DMoE run at the default
-    alpha, or say plainly that it does not."""
-    from d2dmoe.figures import default_alpha
-
+def test_each_panel_is_of_its_presets_settings_or_says_not(render, tmp_path):
+    """The README calls each panel its preset's: it must hold D2DMoE at the sparsity settings the
+    preset sets now (alpha, and sparsify epochs where the figure file has them), or say plainly that
+    it does not; and it says so when they differ."""
     panels = json.loads((ROOT / render.MAIN_JSON).read_text())
-    alphas = {float(s["alpha"]) for s in panels.values()}
-    said = f"the default's alpha is now {default_alpha():g}" in README.read_text()
-    assert alphas == {default_alpha()} or said, (
-        f"{render.MAIN_JSON} has D2DMoE at alpha {sorted(alphas)}, not the default's {default_alpha()}: "
-        "re-run the figure (python run.py -m experiment=fig_main && python experiments/fig_main.py "
-        "--results results/fig_main --name fig_main_default), then python experiments/render_readme.py")
+    text = README.read_text()
+    for panel, s in panels.items():
+        experiment = render.PANEL_EXPERIMENT[panel][0]
+        ran = {"sparsity.alpha": s["alpha"], "sparsity.epochs": s.get("sparsity_epochs")}
+        ran = {k: v for k, v in ran.items() if v is not None}
+        now = render.preset_values(experiment, list(ran))
+        assert list(ran.values()) == now or f"`experiment={experiment}` now sets" in text, (
+            f"{render.MAIN_JSON}'s {panel} panel ran {ran}, but experiment={experiment} sets {now}: re-run it "
+            "(docs/figures.md) or let python experiments/render_readme.py say so")
+
+    copy_inputs(render, tmp_path)
+    default = panels[render.DEFAULT_PANEL]
+    alpha, epochs = render.preset_values("fig_main", ["sparsity.alpha", "sparsity.epochs"])
+    default.update(alpha=3 * alpha, sparsity_epochs=epochs)
+    (tmp_path / render.MAIN_JSON).write_text(json.dumps(panels))
+    assert (f"This panel ran D2DMoE at `sparsity.alpha={3 * alpha:g}`, `sparsity.epochs={epochs}`; "
+            f"`experiment=fig_main` now sets `sparsity.alpha={alpha:g}` (chosen on validation") in render.render(tmp_path)
+    default.update(alpha=alpha)
+    (tmp_path / render.MAIN_JSON).write_text(json.dumps(panels))
+    assert "`experiment=fig_main` now sets" not in render.render(tmp_path)
 
 
 def test_quick_start_commands_are_what_ci_runs():
