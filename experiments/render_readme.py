@@ -222,8 +222,12 @@ def chosen_setting(data: dict, rel: str, experiment: str | None, sweep: str, who
     chosen = ", ".join(f"`{k}={v:g}`" for k, v in data["chosen"].items())
     found = test["rel_cost"]["n"]
     rows = data["settings"]
-    gap = (f" Its score is {rows[1]['val_rel_cost'] - rows[0]['val_rel_cost']:.3f} below the next setting's."
-           if len(rows) > 1 else "")
+    gap = ""
+    if len(rows) > 1:
+        first, second = (r["val_rel_cost_per_seed"] for r in rows[:2])
+        gap = f" Its score is {rows[1]['val_rel_cost'] - rows[0]['val_rel_cost']:.3f} below the next setting's"
+        gap += (f"; their per-seed scores overlap ({min(first):.3f}-{max(first):.3f} against {min(second):.3f}-"
+                f"{max(second):.3f}), so these seeds do not separate the two." if min(second) <= max(first) else ".")
     now = preset_values(experiment, keys)
     preset = "The built-in default" if experiment is None else f"`experiment={experiment}`"
     differ = [f"`{k}={v:g}`" for k, v, c in zip(keys, now, data["chosen"].values()) if not math.isclose(v, c)]

@@ -375,6 +375,9 @@ def test_choose_on_validation_reads_several_sweeps_as_one(tmp_path):
     assert summary["chosen"] == {"sparsity.alpha": 0.01}  # 0.5 on both seeds against 0.4 and 0.8
     assert [s["seeds"] for s in summary["settings"]] == [[0, 1], [0, 1]]
     assert summary["command"] == f"python experiments/choose_on_validation.py --results {first} {second} --name both"
+    said = "\n".join(script("render_readme").chosen_setting(summary, "figures/both.json", None, "sweep", "The default's"))
+    assert ("Its score is 0.100 below the next setting's; their per-seed scores overlap (0.500-0.500 against "
+            "0.400-0.800), so these seeds do not separate the two.") in said
     job(second / "2", 0.01, 0, 0.3)  # seed 0 of alpha 0.01 again
     with pytest.raises(SystemExit, match="are the same setting and seed"):
         choose(["--results", str(first), str(second), "--out", str(tmp_path / "figures")])
