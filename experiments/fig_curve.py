@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from d2dmoe.figures import COST_LABEL, TAU_NOTE, pyplot, save
-from d2dmoe.results import TOLERANCE, cheapest_within, higher_is_better, label, read_points
+from d2dmoe.results import TOLERANCE, cheapest_within, label, read_points
+from d2dmoe.tasks import higher_is_better, threshold
 
 POINT_KEYS = ("rule", "tau", "k", "rel_cost", "value", "val_rel_cost", "val_value", "experts_per_token",
               "agreement", "val_agreement", "kl_from_dense", "val_kl_from_dense")
@@ -61,7 +62,7 @@ def plot(rec: dict):
             ax.annotate(label(p), (p["rel_cost"], p["value"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
     ax.plot([1.0], [dense["value"]], "k*", ms=12, label="dense, test")
     ax.plot([1.0], [dense["val_value"]], "*", ms=12, mfc="none", mec="k", label="dense, validation")
-    worst = dense["value"] - rec["tolerance"] if higher_is_better(metric) else dense["value"] * (1 + rec["tolerance"])
+    worst = threshold(metric, dense["value"], rec["tolerance"])
     ax.axhline(worst, color="gray", ls=":", lw=1, label="the bar (test)")
     if rec["cheapest"]:
         c = rec["cheapest"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import math
 import sys
@@ -32,7 +33,7 @@ from omegaconf import OmegaConf
 
 from d2dmoe.evidence import describe
 from d2dmoe.results import TOLERANCE, cheapest_within, label
-from d2dmoe.tasks import higher_is_better
+from d2dmoe.tasks import sign
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- results:begin -->"
@@ -183,15 +184,20 @@ def targets(panel: str, c: dict, m: dict) -> str:
     return "Targets, on the test split (the choices made on validation): " + "; ".join(said) + "."
 
 
-def preset_values(experiment: str | None, keys: list[str]) -> list:
-    """The values `keys` take in a preset as its configs compose now (the built-in default: None)."""
+@functools.cache
+def preset_config(experiment: str | None):
+    """A preset's config as it composes now (the built-in default: None); composed once per process."""
     from hydra import compose, initialize_config_dir
 
     from d2dmoe.cli import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}"] if experiment else [])
-    return [OmegaConf.select(cfg, k) for k in keys]
+        return compose("config", overrides=[f"experiment={experiment}"] if experiment else [])
+
+
+def preset_values(experiment: str | None, keys: list[str]) -> list:
+    """The values `keys` take in a preset as its configs compose now (the built-in default: None)."""
+    return [OmegaConf.select(preset_config(experiment), k) for k in keys]
 
 
 def chosen_settings(root: Path) -> list[str]:
@@ -315,8 +321,7 @@ def wallclock_int8(data: dict, dense: dict, metric: str, split: str) -> list[str
                     f"than dense float32. Target at least {INT8_SPEEDUP_TARGET:g}x: "
                     f"{'met' if speed >= INT8_SPEEDUP_TARGET else 'missed'}.")
     # as accurate as dense int8 on validation, and faster?
-    sign = 1 if metric == "accuracy" else -1
-    as_good = [p for p in points if p["method"] != "dense" and sign * (p["val_value"] - dense_int8["val_value"]) >= 0]
+    as_good = [p for p in points if p["method"] != "dense" and sign(metric) * (p["val_value"] - dense_int8["val_value"]) >= 0]
     rival = min(as_good, key=lambda p: p["val_rel_cost"], default=None)
     if rival is None:
         said.append(f"No int8 converted point reaches dense int8's validation {metric}: target "
@@ -394,8 +399,7 @@ def curves(root: Path) -> list[str]:
                        f"is {label(best)}: rel_cost {best['rel_cost']:.3f}, {metric} {value(metric, best['value'])} "
                        f"against dense's {value(metric, dense['value'])} ({split}).")
         else:
-            sign = 1 if higher_is_better(metric) else -1
-            near = max(pts, key=lambda p: sign * p["val_value"])
+            near = max(pts, key=lambda p: sign(metric) * p["val_value"])
             out.append(f"No converted point keeps the dense quality on validation ({bar(metric, c['tolerance'])}): "
                        f"the closest, {label(near)} at rel_cost {near['val_rel_cost']:.3f}, has a validation {metric} "
                        f"of {value(metric, near['val_value'])} against dense's {value(metric, dense['val_value'])}.")

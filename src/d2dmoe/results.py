@@ -24,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from .tasks import higher_is_better, within
+from .tasks import higher_is_better, threshold, within
 
 # how far from dense a point may be and still count as keeping its quality
 TOLERANCE = {"accuracy": 0.01, "loss": 0.02}  # absolute accuracy; relative loss
@@ -133,10 +133,8 @@ def plot_pareto(points: list[dict], path: Path) -> Path:
     for p in points:
         if p["method"] == "dense":
             ax.plot([p["rel_cost"]], [p["value"]], "k*", ms=12, label="dense")
-            if higher_is_better(p["metric"]):
-                ax.axhline(p["value"] - TOLERANCE["accuracy"], color="gray", ls=":", lw=1, label="dense - 1 point")
-            else:
-                ax.axhline(p["value"] * (1 + TOLERANCE["loss"]), color="gray", ls=":", lw=1, label="dense + 2%")
+            ax.axhline(threshold(p["metric"], p["value"], TOLERANCE[p["metric"]]), color="gray", ls=":", lw=1,
+                       label="dense - 1 point" if higher_is_better(p["metric"]) else "dense + 2%")
     first = points[0]
     ax.set_xlabel("relative cost (MACs per sample / dense MACs)")
     ax.set_ylabel(first["metric"] + ("" if higher_is_better(first["metric"]) else " (lower is better)"))

@@ -105,9 +105,12 @@ def sign(metric: str) -> float:
     return 1.0 if higher_is_better(metric) else -1.0
 
 
+def threshold(task_metric: str, dense: float, tolerance: float) -> float:
+    """The worst value that keeps the dense quality (the bar): `tolerance` below dense (absolute:
+    accuracy points), or `tolerance` above dense (relative: a loss)."""
+    return dense - tolerance if higher_is_better(task_metric) else dense * (1 + tolerance)
+
+
 def within(task_metric: str, value: float, dense: float, tolerance: float) -> bool:
-    """Whether a converted point keeps the dense quality: at most `tolerance` below dense (absolute:
-    accuracy points), or at most `tolerance` above dense (relative: a loss)."""
-    if higher_is_better(task_metric):
-        return value >= dense - tolerance
-    return value <= dense * (1 + tolerance)
+    """Whether a converted point keeps the dense quality: at or past the bar (`threshold`)."""
+    return sign(task_metric) * value >= sign(task_metric) * threshold(task_metric, dense, tolerance)
