@@ -34,7 +34,8 @@ from d2dmoe.moe import FFN, MoE, Router, fused_unavailable
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 SIZES = {"minilm": (384, 1536), "bert_base": (768, 3072)}  # d, d_ff
 EXPERTS = (128, 32)
-MODEL_KEYS = ("model_overrides", "model_repeats", "model_commit", "model_impl", "model", "model_int8", "model_fastest")
+MODEL_KEYS = ("model_overrides", "model_repeats", "model_commit", "model_cpu", "model_impl", "model", "model_int8",
+              "model_fastest")
 
 
 def median_ms(fn, repeats: int, device: str = "cpu", cuda_graph: bool = False) -> float:
@@ -243,6 +244,19 @@ def commit() -> str | None:
     return head + ("+changes" if dirty else "")
 
 
+def cpu_name() -> str | None:
+    """The processor's model name: wall times (and which execution wins) differ from one CPU to the
+    next, e.g. where the CPU has AMX tiles."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return name or platform.processor() or None
+
+
 def show(rows: list[dict]) -> str:
     keys = list(rows[0])
     cells = [[("-" if r[k] is None else f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k])) for k in keys]
@@ -301,9 +315,10 @@ def main() -> None:
     out = Path(args.out or f"benchmark/bench_wallclock{'_cuda' if gpu else ''}.json")
     earlier = json.loads(out.read_text()) if out.exists() else {}
     device = torch.cuda.get_device_name() if gpu else "cpu"
-    result = {"threads": torch.get_num_threads(), "device": device, "repeats": args.repeats, "impl": impl,
-              "dtype": args.dtype, "cuda_graph": args.cuda_graph}
+    result = {"threads": torch.get_num_threads(), "device": device, "cpu": cpu_name(), "repeats": args.repeats,
+              "impl": impl, "dtype": args.dtype, "cuda_graph": args.cuda_graph}
     if args.model_only:  # keep the earlier layer rows ("repeats" is the layer table's)
+        result["cpu"] = earlier.get("cpu")  # the layer rows' processor (None: not recorded)
         result.update({k: earlier[k] for k in ("repeats", "impl", "dtype", "layer") if k in earlier})
     else:
         peer = None
@@ -327,6 +342,7 @@ def main() -> None:
     else:
         result["model_overrides"], result["model_repeats"] = args.overrides, args.repeats
         result["model_commit"] = commit()  # the model is whatever the defaults of that code trained
+        result["model_cpu"] = cpu_name()
         result["model_impl"] = args.model_impl
         result.update(model_rows(args.overrides, args.repeats, args.model_impl))
         print(f"Whole converted model on the test split, float32, experts.impl={args.model_impl}:\n"

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("fraction of experts executed per token")
     ax.set_ylabel("MoE layer time / dense MLP time\n(dotted: counted FLOP ratio, router included)")
-    ax.set_title(f"one layer, 32 x 128 tokens, {bench['device']}, {bench['threads']} threads, "
+    where = bench["device"] if bench["device"] != "cpu" else bench.get("cpu") or "cpu"  # a GPU, or the CPU's name
+    ax.set_title(f"one layer, 32 x 128 tokens, {where}, {bench['threads']} threads, "
                  f"{bench.get('impl', 'gather')} execution, {bench.get('dtype', 'float32')}, "
                  f"median of {bench['repeats']}", fontsize=8)
     ax.grid(alpha=0.3)

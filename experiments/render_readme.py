@@ -256,7 +256,7 @@ def wallclock(root: Path) -> list[str]:
               for r in rows]
     dense = next(p for p in points if p["method"] == "dense")
     best = cheapest_within(points) if all("val_value" in p for p in points) else None  # chosen on validation
-    device = "CPU" if data["device"] == "cpu" else data["device"]
+    device = f"CPU: {data['model_cpu']}" if data.get("model_cpu") else "CPU, processor not recorded"
     cells = ["dense" if r["tau"] is None else f"{r['tau']:g}" for r in rows]
     made = (f" as the code of commit {data['model_commit']} trains it" if data.get("model_commit") else "")
     out = [f"The converted model at each tau against its dense model ({setting}{made}; `{WALLCLOCK_JSON}`, "

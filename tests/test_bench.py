@@ -1,9 +1,11 @@
 """experiments/bench_wallclock.py's whole-model timing on a tiny BERT: every execution runs through the
 converted model, exactly k experts per token, and the row reports it."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from experiments.bench_wallclock import synthetic_model_rows
+from experiments.bench_wallclock import cpu_name, synthetic_model_rows
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2,
         "vocab_size": 100}
@@ -36,3 +38,13 @@ def test_the_synthetic_model_runs_k_experts_per_token():
         moe(input_ids=torch.randint(0, 100, (2, 8)))
     layers = moe_layers(moe)
     assert len(layers) == 2 and all(m.last_mask.sum(-1).eq(2).all() for m in layers)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads /proc/cpuinfo (Linux)")
+def test_the_benchmark_names_the_processor_it_ran_on():
+    """Wall times are the CPU's: the file says which one (its model name, as /proc/cpuinfo gives it)."""
+    names = {line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")}
+    if not names:
+        pytest.skip("this /proc/cpuinfo names no model")
+    assert cpu_name() in names

@@ -12,10 +12,10 @@ from d2dmoe.moe import FFN, MoE, Router, set_impl
 INT8_TOLERANCE = 0.05
 
 
-def random_moe(gated=False, d=32, f=128, E=8, seed=0):
+def random_moe(gated=False, d=32, f=128, E=8, seed=0, act=nn.GELU):
     torch.manual_seed(seed)
     up = nn.Linear(d, f, bias=False) if gated else None
-    ffn = FFN(nn.Linear(d, f), nn.Linear(f, d), nn.GELU(), up)
+    ffn = FFN(nn.Linear(d, f), nn.Linear(f, d), act(), up)
     return MoE.from_ffn(ffn, list(torch.arange(f).chunk(E)), Router(d, E, 16))
 
 
@@ -35,12 +35,13 @@ def masks(E=8, seed=1):
     return cases
 
 
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU])  # ReLU runs inside the int8 kernel
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("case", ["random", "expert_without_tokens", "token_with_every_expert", "one_each"])
-def test_int8_experts_follow_the_float32_experts(gated, case):
+def test_int8_experts_follow_the_float32_experts(gated, case, act):
     """Both int8 executions give the float32 masked output within the tolerance, and each other's
     (the same int8 weights; only the activations' quantization differs)."""
-    moe = random_moe(gated)
+    moe = random_moe(gated, act=act)
     x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(2))
     mask = masks()[case]
     q = Int8Experts(moe)
@@ -50,6 +51,24 @@ def test_int8_experts_follow_the_float32_experts(gated, case):
     assert relative_error(masked, ref) < INT8_TOLERANCE
     assert relative_error(gathered, ref) < INT8_TOLERANCE
     assert relative_error(gathered, masked) < INT8_TOLERANCE
+
+
+@pytest.mark.parametrize("impl", ["masked", "gather"])
+def test_the_relu_inside_the_int8_kernel_gives_what_the_relu_module_gives(impl):
+    """A plain ReLU runs inside quantized.linear_relu_dynamic; with a hook on it (what sparsity
+    statistics register) the module runs instead. Both give the same numbers, exactly."""
+    moe = random_moe(act=nn.ReLU)
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(2))
+    mask = masks()["random"]
+    q = Int8Experts(moe)
+    with torch.no_grad():
+        fused = q.execute(x, mask, impl)
+        seen = []
+        handle = moe.act.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        unfused = q.execute(x, mask, impl)
+        handle.remove()
+    assert seen  # the hooked module ran
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=0)
 
 
 def test_int8_gather_with_no_pairs_gives_the_output_bias():
