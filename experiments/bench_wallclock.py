@@ -8,7 +8,8 @@
    run (the artifacts are reused, or trained first): in float32 with the experts' execution
    --model-impl (auto: per layer and call, the fastest of gather and masked at the call's fraction of
    experts, timed on the layer's own routing of a validation batch at each tau), and with torch's dynamic
-   int8, the dense model quantized in one line against the converted model with int8 experts.
+   int8, the dense model quantized in one line against the converted model with int8 experts, and in
+   bfloat16 (both models cast, inputs autocast: what a user tries on a CPU with bfloat16 matrix units).
 Medians over repeats after a warm-up. Prints both tables and writes them to bench_wallclock.json.
 
     python experiments/bench_wallclock.py [hydra overrides for part 2] [--repeats 5] [--layer-only | --model-only]
@@ -21,6 +22,7 @@ the fused Triton kernel unless --impl says otherwise, into benchmark/bench_wallc
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -35,7 +37,7 @@ FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 SIZES = {"minilm": (384, 1536), "bert_base": (768, 3072)}  # d, d_ff
 EXPERTS = (128, 32)
 MODEL_KEYS = ("model_overrides", "model_repeats", "model_commit", "model_cpu", "model_impl", "model", "model_int8",
-              "model_fastest")
+              "model_bf16", "model_fastest")
 
 
 def median_ms(fn, repeats: int, device: str = "cpu", cuda_graph: bool = False) -> float:
@@ -117,8 +119,8 @@ def layer_rows(repeats: int, device: str = "cpu", impl: str = "gather",
 def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
     """The dense model and the converted one at each tau, in float32 ("model") and with torch's dynamic
     int8 ("model_int8": the dense model quantized in one line, and the converted model with int8
-    experts and layers, int8.py); every time_ratio against the dense float32 model. With impl auto,
-    also what it measured ("model_fastest")."""
+    experts and layers, int8.py) and in bfloat16 ("model_bf16": both models cast to it); every
+    time_ratio against the dense float32 model. With impl auto, also what it measured ("model_fastest")."""
     from hydra import compose, initialize_config_dir
 
     from d2dmoe.crossover import calibrate
@@ -136,8 +138,15 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
 
     def score(model, batches) -> float:
         with torch.inference_mode():
-            parts = [task.score(adapter.forward(model, b), b, adapter.token_mask(b)) for b in batches]
+            parts = [task.score(forward(model, b), b, adapter.token_mask(b)) for b in batches]
         return sum(t for t, _ in parts) / sum(c for _, c in parts)
+
+    def forward(model, batch):
+        """A bfloat16 model gets its float inputs (pixels) cast by autocast, its outputs back in float32."""
+        if next(model.parameters()).dtype != torch.bfloat16:
+            return adapter.forward(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return adapter.forward(model, batch).float()
 
     def timed(model) -> tuple[float, float]:
         """(median ms of a pass over the test split, test metric) with the model as it is set; the
@@ -164,24 +173,30 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
     quantized = dense_int8(dense).eval()
     ms, value = timed(quantized)
     rows["model_int8"] = [row(None, ms, value, base, val_value=score(quantized, val))]
-    moe_int8 = converted_int8(moe)
-    for model in (moe, moe_int8):
+    dense_bf16 = copy.deepcopy(dense).bfloat16().eval()
+    ms, value = timed(dense_bf16)
+    rows["model_bf16"] = [row(None, ms, value, base, val_value=score(dense_bf16, val))]
+    moe_int8, moe_bf16 = converted_int8(moe), copy.deepcopy(moe).bfloat16()
+    variants = {"float32": moe, "int8": moe_int8, "bfloat16": moe_bf16}
+    for model in variants.values():
         if impl == "auto":  # each layer's executions timed on its own routing of a validation batch, per tau
-            calibrate(model, lambda m=model: adapter.forward(m, val[0]), cfg.routing.taus)
+            calibrate(model, lambda m=model: forward(m, val[0]), cfg.routing.taus)
         else:
             set_impl(model, impl)
     if impl == "auto":
         rows["model_fastest"] = {name: {f"layer {i}": m.fastest for i, m in enumerate(moe_layers(model))}
-                                 for name, model in (("float32", moe), ("int8", moe_int8))}
+                                 for name, model in variants.items()}
     for tau in cfg.routing.taus:
-        for model in (moe, moe_int8):
+        for model in variants.values():
             set_gate(model, DynamicKGate(float(tau)))
         base = counted(moe)  # the MACs count the same either way
         ms, value = timed(moe)
         rows["model"].append(row(float(tau), ms, value, base, val_value=base["val_value"]))
-        ms, value = timed(moe_int8)
-        rows["model_int8"].append(row(float(tau), ms, value, base, val_value=score(moe_int8, val)))
-        print(f"tau {tau}: float32 {rows['model'][-1]}\n         int8 {rows['model_int8'][-1]}", flush=True)
+        for key, model in (("model_int8", moe_int8), ("model_bf16", moe_bf16)):
+            ms, value = timed(model)
+            rows[key].append(row(float(tau), ms, value, base, val_value=score(model, val)))
+        print(f"tau {tau}: float32 {rows['model'][-1]}\n         int8 {rows['model_int8'][-1]}\n"
+              f"         bfloat16 {rows['model_bf16'][-1]}", flush=True)
     return rows
 
 
@@ -346,7 +361,8 @@ def main() -> None:
         result["model_impl"] = args.model_impl
         result.update(model_rows(args.overrides, args.repeats, args.model_impl))
         print(f"Whole converted model on the test split, float32, experts.impl={args.model_impl}:\n"
-              f"{show(result['model'])}\n\nThe same with int8 (dynamic quantization):\n{show(result['model_int8'])}\n")
+              f"{show(result['model'])}\n\nThe same with int8 (dynamic quantization):\n{show(result['model_int8'])}\n"
+              f"\nThe same in bfloat16:\n{show(result['model_bf16'])}\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 

@@ -8,9 +8,9 @@ The block (between `<!-- results:begin -->` and `<!-- results:end -->`) is made 
 
 - figures/fig_main_default.json (experiments/fig_main.py): D2DMoE's margin over MoEfication on the
   built-in default and on CARER, with figures/fig_main_default.png;
-- benchmark/bench_wallclock.json, its "model" and "model_int8" rows (experiments/bench_wallclock.py):
+- benchmark/bench_wallclock.json, its "model", "model_int8" and "model_bf16" rows (experiments/bench_wallclock.py):
   the converted default at each tau against its dense model, counted cost, metric and wall time, in
-  float32 and with int8;
+  float32, int8 and bfloat16;
 - figures/choose_sparsity*.json (experiments/choose_on_validation.py): how the default's and
   minilm_carer's sparsity settings were chosen on validation, and whether each preset uses the choice;
 - every benchmark/*.json that experiments/benchmark.py wrote (a "wall_s" key): one row per preset;
@@ -285,54 +285,63 @@ def wallclock(root: Path) -> list[str]:
     said.append(f"Target, wall time / dense at most {SLOWEST_TARGET} at every tau: "
                 f"{'met' if worst <= SLOWEST_TARGET else 'missed'} ({worst:.3f} at worst).")
     out.append(" ".join(said))
-    return out + [""] + wallclock_int8(data, dense, metric, split)
+    return out + [""] + [line for lower in LOWER_PRECISIONS
+                         for line in wallclock_lower(data, dense, metric, split, *lower)]
 
 
-def wallclock_int8(data: dict, dense: dict, metric: str, split: str) -> list[str]:
-    """The int8 rows: torch's one-line dynamic quantization of the dense model against the converted
-    model with int8 experts and layers; every time against the dense float32 model."""
-    rows = data.get("model_int8")
+# the whole-model rows in a lower precision: (key, name, how the two models were made, speed target)
+LOWER_PRECISIONS = (
+    ("model_int8", "int8", "the dense model through torch's one-line `quantize_dynamic`, and the converted model "
+     "through `d2dmoe.int8.converted_int8`; the experts' execution chosen by `experts.impl={impl}` among int8 "
+     "masked, int8 gather and float32 gather", INT8_SPEEDUP_TARGET),
+    ("model_bf16", "bfloat16", "both models cast with `.bfloat16()`, inputs under CPU autocast; the experts' "
+     "execution chosen by `experts.impl={impl}` among masked and gather", None),
+)
+
+
+def wallclock_lower(data: dict, dense: dict, metric: str, split: str, key: str, name: str, how: str,
+                    target: float | None) -> list[str]:
+    """One lower precision's rows: the dense model and the converted one, both in it; every time
+    against the dense float32 model."""
+    rows = data.get(key)
     if not rows:
         return []
     points = [{**r, "method": "dense" if r["tau"] is None else "converted", "metric": metric, "value": r[metric]}
               for r in rows]
-    dense_int8 = next(p for p in points if p["method"] == "dense")
-    cells = ["dense int8" if r["tau"] is None else f"{r['tau']:g}" for r in rows]
-    out = ["The same with int8 on the CPU (`model_int8`: the dense model through torch's one-line "
-           "`quantize_dynamic`, and the converted model through `d2dmoe.int8.converted_int8`; the experts' "
-           f"execution chosen by `experts.impl={data.get('model_impl', 'gather')}` among int8 masked, int8 "
-           "gather and float32 gather). Wall time as a fraction of the dense float32 model's.", "",
+    low = next(p for p in points if p["method"] == "dense")
+    cells = [f"dense {name}" if r["tau"] is None else f"{r['tau']:g}" for r in rows]
+    out = [f"The same in {name} on the CPU (`{key}`: {how.format(impl=data.get('model_impl', 'gather'))}). "
+           "Wall time as a fraction of the dense float32 model's.", "",
            "| tau | " + " | ".join(cells) + " |",
            "|---|" + "---|" * len(cells),
            f"| rel_cost ({split}) | " + " | ".join(f"{r['rel_cost']:.3f}" for r in rows) + " |",
            f"| {split} {metric} | " + " | ".join(value(metric, r[metric]) for r in rows) + " |",
            f"| wall time / dense float32 ({split}) | " + " | ".join(f"{r['time_ratio']:.3f}" for r in rows) + " |",
            ""]
-    said = [f"Dense int8: {dense['ms'] / dense_int8['ms']:.2f}x faster than dense float32, "
-            f"{value(metric, dense_int8['value'])} against {value(metric, dense['value'])} ({split})."]
+    said = [f"Dense {name}: {dense['ms'] / low['ms']:.2f}x faster than dense float32, "
+            f"{value(metric, low['value'])} against {value(metric, dense['value'])} ({split})."]
     # within the bar of the dense float32 model, chosen on validation
     best = cheapest_within([dense, *[p for p in points if p["method"] != "dense"]])
     if best is None:
-        said.append(f"No int8 converted point has a validation {metric} within the bar of dense float32.")
+        said.append(f"No {name} converted point has a validation {metric} within the bar of dense float32.")
     else:
         speed = dense["ms"] / best["ms"]
-        said.append(f"The cheapest int8 converted point whose validation {metric} is within the bar of dense "
+        said.append(f"The cheapest {name} converted point whose validation {metric} is within the bar of dense "
                     f"float32 is tau {best['tau']:g}: {value(metric, best['value'])} ({split}), {speed:.2f}x faster "
-                    f"than dense float32. Target at least {INT8_SPEEDUP_TARGET:g}x: "
-                    f"{'met' if speed >= INT8_SPEEDUP_TARGET else 'missed'}.")
-    # as accurate as dense int8 on validation, and faster?
-    as_good = [p for p in points if p["method"] != "dense" and sign(metric) * (p["val_value"] - dense_int8["val_value"]) >= 0]
+                    "than dense float32." + ("" if target is None else f" Target at least {target:g}x: "
+                                             f"{'met' if speed >= target else 'missed'}."))
+    # as accurate as the dense model in the same precision on validation, and faster?
+    as_good = [p for p in points if p["method"] != "dense" and sign(metric) * (p["val_value"] - low["val_value"]) >= 0]
     rival = min(as_good, key=lambda p: p["val_rel_cost"], default=None)
+    goal = f"Target (ahead of dense {name} at its accuracy)" if target is not None else f"Ahead of dense {name}"
     if rival is None:
-        said.append(f"No int8 converted point reaches dense int8's validation {metric}: target "
-                    "(ahead of dense int8 at its accuracy) missed.")
+        said.append(f"No {name} converted point reaches dense {name}'s validation {metric}: "
+                    f"{goal[0].lower() + goal[1:]} missed.")
     else:
-        ahead = rival["ms"] < dense_int8["ms"]
-        said.append(f"Of the int8 converted points at least as good as dense int8 on validation, the cheapest is "
-                    f"tau {rival['tau']:g}: {value(metric, rival['value'])} against dense int8's "
-                    f"{value(metric, dense_int8['value'])} ({split}), {dense_int8['ms'] / rival['ms']:.2f}x "
-                    f"dense int8's speed. Target (ahead of dense int8 at its accuracy): "
-                    f"{'met' if ahead else 'missed'}.")
+        said.append(f"Of the {name} converted points at least as good as dense {name} on validation, the cheapest "
+                    f"is tau {rival['tau']:g}: {value(metric, rival['value'])} against dense {name}'s "
+                    f"{value(metric, low['value'])} ({split}), {low['ms'] / rival['ms']:.2f}x dense {name}'s "
+                    f"speed. {goal}: {'met' if rival['ms'] < low['ms'] else 'missed'}.")
     return out + [" ".join(said), ""]
 
 

@@ -48,3 +48,19 @@ def test_the_benchmark_names_the_processor_it_ran_on():
     if not names:
         pytest.skip("this /proc/cpuinfo names no model")
     assert cpu_name() in names
+
+
+def test_the_whole_model_rows_time_float32_int8_and_bfloat16_on_the_same_points(tmp_path):
+    """bench_wallclock's part 2 on the smoke preset: dense and every tau in each precision, the counted
+    cost the same in all three (the routing is the float32 model's), times against dense float32."""
+    from experiments.bench_wallclock import model_rows
+
+    rows = model_rows(["experiment=smoke", f"artifacts_dir={tmp_path}"], repeats=1)
+    taus = [row["tau"] for row in rows["model"]]
+    assert taus[0] is None and len(taus) > 2
+    assert rows["model"][0]["time_ratio"] == 1.0
+    for key in ("model_int8", "model_bf16"):
+        assert [row["tau"] for row in rows[key]] == taus
+        assert [row["rel_cost"] for row in rows[key]] == [row["rel_cost"] for row in rows["model"]]
+        assert all(0 <= row["accuracy"] <= 1 and row["ms"] > 0 for row in rows[key])
+    assert set(rows["model_fastest"]) == {"float32", "int8", "bfloat16"}
