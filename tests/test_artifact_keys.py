@@ -9,21 +9,22 @@ from tests.conftest import compose_config, params_needing_smollm2
 
 # today's names, pinned: a change here renames, and so retrains, every user's artifacts. Pinned last
 # when the dense reference became early-stopped, BBC's split 60/20/20 and the router defaults chosen
-# on validation (issue 24), which renamed every phase on purpose. Names hash the resolved config, whose model and data paths are where this
+# on validation, and again when every data set lost its repeated items (d2dmoe.dedup), which
+# renamed every phase on purpose. Names hash the resolved config, whose model and data paths are where this
 # machine installed the packages; the pins fix those paths, so they hold anywhere.
 PINNED_PATHS = ("model.path=/pinned/model", "data.path=/pinned/data")
 PINNED = {
-    (): ["dense-e2b0ff3f3671", "sparsify-e8b2ee135671", "split-d7570281cb0b", "routers-3e4624c38d84"],
-    ("experiment=smoke",): ["dense-3cfbe75af0d4", "sparsify-cc04374308cd", "split-0f1faa65ddde",
-                            "routers-e92f2cc0c900"],
-    ("method=moefication",): ["dense-e2b0ff3f3671", "sparsify-401d77c02656", "split-8a84d3ff45a1",
-                              "routers-0e287e58fcad"],
-    ("attention.convert=true",): ["dense-e2b0ff3f3671", "attention-7a84d7093748", "sparsify-6b1d4707894c",
-                                  "split-1d3117edd20f", "routers-89d0be2da2db"],
-    ("experiment=gpt2_bbc",): ["dense-a86047adee24", "sparsify-cb26dc65a442", "split-c5c012f0fac0",
-                               "routers-57581ba6758f"],
-    ("experiment=vit_fashion",): ["dense-148cb362e790", "sparsify-ac0b1e566066", "split-9950ed3089ff",
-                                  "routers-5440a435dcb5"],
+    (): ["dense-d4b967462af5", "sparsify-d28d31da8353", "split-3f3e868b6cc0", "routers-77eddbb67f38"],
+    ("experiment=smoke",): ["dense-e8768fe2ad60", "sparsify-0c3d3d189b39", "split-c30ae1eb8bcf",
+                            "routers-91608293c7da"],
+    ("method=moefication",): ["dense-d4b967462af5", "sparsify-96a4ca101651", "split-db6dc834bb66",
+                              "routers-d8bb90ede1c3"],
+    ("attention.convert=true",): ["dense-d4b967462af5", "attention-171bdf933780", "sparsify-efc61e5805bc",
+                                  "split-fb74f67de20b", "routers-5d5d2d188abf"],
+    ("experiment=gpt2_bbc",): ["dense-ad0672de1bbe", "sparsify-9ff5df4311fd", "split-8d914197b9b3",
+                               "routers-71fe0e2be573"],
+    ("experiment=vit_fashion",): ["dense-2384b0bb61eb", "sparsify-430eb35320b1", "split-b71d853bf646",
+                                  "routers-97fcef0dabe0"],
 }
 
 

@@ -26,8 +26,9 @@ def write_folder(root: Path, per_class=10):
 
 def test_text_folder_split_is_fixed_stratified_and_disjoint(tmp_path):
     root = write_folder(tmp_path / "docs")
-    a = load_text_folder(root, 0.2, 0.2, seed=0)
-    b = load_text_folder(root, 0.2, 0.2, seed=0)
+    a, removed = load_text_folder(root, 0.2, 0.2, seed=0)
+    b, _ = load_text_folder(root, 0.2, 0.2, seed=0)
+    assert removed["removed"] == 0
     assert [len(a[s]) for s in ("train", "validation", "test")] == [18, 6, 6]
     for s in a:
         assert a[s]["text"] == b[s]["text"]
@@ -41,7 +42,9 @@ def test_bbc_news_default_split(tmp_path, tokenizer):
     cfg = compose_config(["model=tiny_bert"], artifacts_dir=tmp_path).data
     data = instantiate(cfg, tokenizer=tokenizer)
     data.setup()
-    assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [1335, 445, 445]  # 60/20/20
+    # 2,225 articles less 103 repeats (d2dmoe.dedup), cut 60/20/20
+    assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [1272, 425, 425]
+    assert data.removed == {"removed": 103, "per_split": {}}
     assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     batch = next(iter(data.test_dataloader()))
     assert batch["input_ids"].shape[1] <= 128 and batch["attention_mask"].shape == batch["input_ids"].shape
@@ -93,7 +96,8 @@ def test_missing_columns_are_named(tmp_path, tokenizer):
 def test_shared_carer(tmp_path, tokenizer):
     data = carer_data(SHARED_CARER, tmp_path, tokenizer)
     data.setup()
-    assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [16000, 2000, 2000]
+    # the files hold 16,000, 2,000 and 2,000 texts; repeats leave train and validation (d2dmoe.dedup)
+    assert [len(data.splits[s]) for s in ("train", "validation", "test")] == [15953, 1995, 2000]
     assert set(data.splits["test"]["labels"]) == set(range(6))
 
 

@@ -51,7 +51,15 @@ def test_stops_after_patience_epochs_without_improvement_and_keeps_the_best(pati
     metric = [0.5, 0.6, 0.8, 0.7, 0.75, 0.9, 0.7, 0.1, 0.1, 0.1]
     trainer, module, keep = fit(metric, [1.0] * 10, patience)
     assert module.passes == epochs_run
-    assert module.w.item() == best and keep.summary == {"best_epoch": best, "best_val_accuracy": pytest.approx(metric[best])}
+    assert module.w.item() == best and keep.summary == {
+        "best_epoch": best, "best_val_accuracy": pytest.approx(metric[best]), "epochs_run": epochs_run,
+        "val_history": pytest.approx(metric[:epochs_run]), "stopped_by": "patience"}
+
+
+def test_the_record_says_when_the_cap_stopped_training():
+    """A best epoch that is the last one allowed: the cap stopped it, and it might have gone on improving."""
+    _, _, keep = fit([0.5, 0.6, 0.7], [1.0] * 3, patience=2, epochs=3)
+    assert keep.summary["stopped_by"] == "cap" and keep.summary["epochs_run"] == 3 and keep.best_epoch == 2
 
 
 def test_a_tie_in_the_metric_goes_to_the_lower_loss():

@@ -113,6 +113,11 @@ def test_run_py_sweep_writes_results_and_shares_upstream_phases(tmp_path):
     stats = read_stats(tmp_path / "sweep" / "1")
     assert len(stats["activation"]) == 2  # tiny BERT: 2 layers
     assert [q["tau"] for q in stats["points"]] == [0.0, 0.5, 1.0]
+    # what the dense training did, from its artifact: the smoke preset's 4 steps are one epoch, which
+    # the cap (max_steps) ends before the patience could
+    record = stats["dense_training"]
+    assert (record["epochs_run"], record["best_epoch"], record["stopped_by"]) == (1, 0, "cap")
+    assert record["val_history"] == [pytest.approx(record["best_val_accuracy"])]
     for q, p in zip(stats["points"], points[1:]):
         assert [len(layer["experts_hist"]) for layer in q["layers"]] == [9, 9]  # 0..8 experts
         mean = sum(layer["experts_per_token"] for layer in q["layers"]) / 2

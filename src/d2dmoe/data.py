@@ -7,6 +7,8 @@ Two kinds of source:
 - `splits`: a hub dataset name (`dair-ai/emotion`, `openwebtext`), a local folder of train/val/test
   files (CARER as `text;label_name` lines), or one local text file, loaded by `datasets.load_dataset`.
   Splits the source lacks (OpenWebText has only `train`) are cut from its train split with a fixed seed.
+
+With `dedup` (the default) repeated texts are removed first (d2dmoe.dedup): no text is in two splits.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+from . import dedup as dd
 
 SPLITS = ("train", "validation", "test")
 LOCAL_SPLIT_NAMES = {"train": ["train"], "validation": ["validation", "val", "dev"], "test": ["test"]}
@@ -41,7 +45,9 @@ def require_local(path: str | Path | None, what: str) -> None:
                                 "Data) or use a hub dataset name")
 
 
-def load_text_folder(path: Path, val_fraction: float, test_fraction: float, seed: int):
+def load_text_folder(path: Path, val_fraction: float, test_fraction: float, seed: int, dedup: bool = True):
+    """(DatasetDict, what dedup removed): one document per file, one subfolder per class, cut 60/20/20
+    (stratified, seeded) after repeated texts are removed."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
     require_local(path, "folder")
@@ -53,10 +59,14 @@ def load_text_folder(path: Path, val_fraction: float, test_fraction: float, seed
             rows["label"].append(label)
     features = Features({"text": Value("string"), "label": ClassLabel(names=classes)})
     full = Dataset.from_dict(rows, features=features)
+    removed = None
+    if dedup:
+        full = full.select(dd.first_of_each(map(dd.text_key, rows["text"])))
+        removed = dd.report(str(path), len(rows["text"]), len(full))
     first = full.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
     second = first["train"].train_test_split(
         test_size=val_fraction / (1 - test_fraction), seed=seed, stratify_by_column="label")
-    return DatasetDict(train=second["train"], validation=second["test"], test=first["test"])
+    return DatasetDict(train=second["train"], validation=second["test"], test=first["test"]), removed
 
 
 def builder_for(suffix: str, delimiter: str | None) -> tuple[str, dict]:
@@ -84,10 +94,23 @@ def fill_splits(ds, val_fraction: float, test_fraction: float, seed: int):
     return DatasetDict(train=train, **out)
 
 
+def distinct(ds, column: str, name: str):
+    """(the splits with each text once, in the first of test, validation, train that has it; what was
+    removed)."""
+    from datasets import DatasetDict
+
+    if any(column not in ds[s].column_names for s in ds):
+        raise KeyError(f"data {name}: column {column!r} not in {ds['train'].column_names}; set data.text_column")
+    keep = dd.disjoint({s: [dd.text_key(t) for t in ds[s][column]] for s in ds})
+    out = DatasetDict({s: ds[s].select(keep[s]) for s in ds})
+    return out, dd.report(name, {s: len(ds[s]) for s in ds}, {s: len(out[s]) for s in ds})
+
+
 def load_splits(path: str, delimiter: str | None, val_fraction: float, test_fraction: float, seed: int,
-                hub_kwargs: dict | None = None):
-    """A hub dataset (`hub_kwargs` go to `load_dataset`: a subset name, data_files), a local folder
-    holding one file per split, or one local file."""
+                hub_kwargs: dict | None = None, dedup_column: str | None = None):
+    """(DatasetDict, what dedup removed): a hub dataset (`hub_kwargs` go to `load_dataset`: a subset
+    name, data_files), a local folder holding one file per split, or one local file. With
+    `dedup_column`, repeated texts of that column are removed before missing splits are cut."""
     from datasets import DatasetDict, load_dataset
 
     require_local(path, "file or folder")
@@ -95,17 +118,22 @@ def load_splits(path: str, delimiter: str | None, val_fraction: float, test_frac
     if local.is_file():
         builder, kwargs = builder_for(local.suffix.lstrip("."), delimiter)
         ds = load_dataset(builder, data_files={"train": str(local)}, **kwargs)
-        return fill_splits(ds, val_fraction, test_fraction, seed)
-    if not local.is_dir():
-        return fill_splits(load_dataset(path, **(hub_kwargs or {})), val_fraction, test_fraction, seed)
-    files = {}
-    for split, names in LOCAL_SPLIT_NAMES.items():
-        found = [f for f in sorted(local.iterdir()) if f.stem in names]
-        if not found:
-            raise FileNotFoundError(f"data.path={path}: no {split} file (looked for {names} with any suffix)")
-        files[split] = str(found[0])
-    builder, kwargs = builder_for(Path(files["train"]).suffix.lstrip("."), delimiter)
-    return DatasetDict(load_dataset(builder, data_files=files, **kwargs))
+    elif not local.is_dir():
+        ds = load_dataset(path, **(hub_kwargs or {}))
+    else:
+        files = {}
+        for split, names in LOCAL_SPLIT_NAMES.items():
+            found = [f for f in sorted(local.iterdir()) if f.stem in names]
+            if not found:
+                raise FileNotFoundError(f"data.path={path}: no {split} file (looked for {names} with any suffix)")
+            files[split] = str(found[0])
+        builder, kwargs = builder_for(Path(files["train"]).suffix.lstrip("."), delimiter)
+        ds = load_dataset(builder, data_files=files, **kwargs)
+    ds = DatasetDict({s: ds[s] for s in SPLITS if s in ds})
+    removed = None
+    if dedup_column is not None:
+        ds, removed = distinct(ds, dedup_column, str(path))
+    return fill_splits(ds, val_fraction, test_fraction, seed), removed
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -204,7 +232,8 @@ class TokenizedTextData(SplitData):
                  delimiter: str | None = None, max_length: int = 128, batch_size: int = 16,
                  eval_batch_size: int = 64, split_seed: int = 0, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, limit_train: int | None = None,
-                 limit_eval: int | None = None, cache_dir: str = "artifacts/data", hub_kwargs: dict | None = None):
+                 limit_eval: int | None = None, cache_dir: str = "artifacts/data", hub_kwargs: dict | None = None,
+                 dedup: bool = True):
         super().__init__()
         if kind not in ("text_folder", "splits"):
             raise ValueError(f"data.kind={kind!r}; allowed: text_folder, splits")
@@ -217,6 +246,8 @@ class TokenizedTextData(SplitData):
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.cache_dir = Path(cache_dir)
         self.hub_kwargs = dict(hub_kwargs or {})
+        self.dedup = dedup
+        self.removed: dict | None = None  # what dedup removed (d2dmoe.dedup.report), once the data is read
         self.label_names: list[str] | None = None
         self.splits = None
 
@@ -225,16 +256,19 @@ class TokenizedTextData(SplitData):
         return dict(cls=type(self).__name__, name=self.name, kind=self.kind, path=str(self.path),
                     text=self.text_column, max_length=self.max_length, seed=self.split_seed,
                     val=self.val_fraction, test=self.test_fraction, tokenizer=self.tokenizer.name_or_path,
-                    vocab=len(self.tokenizer), hub=self.hub_kwargs)
+                    vocab=len(self.tokenizer), hub=self.hub_kwargs, dedup=self.dedup)
 
     def _cache_key(self) -> str:
         return hashlib.sha256(json.dumps(self._spec(), sort_keys=True).encode()).hexdigest()[:12]
 
     def _raw(self):
         if self.kind == "text_folder":
-            return load_text_folder(Path(self.path), self.val_fraction, self.test_fraction, self.split_seed)
-        return load_splits(self.path, self.delimiter, self.val_fraction, self.test_fraction, self.split_seed,
-                           self.hub_kwargs)
+            raw, self.removed = load_text_folder(Path(self.path), self.val_fraction, self.test_fraction,
+                                                 self.split_seed, self.dedup)
+        else:
+            raw, self.removed = load_splits(self.path, self.delimiter, self.val_fraction, self.test_fraction,
+                                            self.split_seed, self.hub_kwargs, self.text_column if self.dedup else None)
+        return raw
 
     def _check_columns(self, raw, columns: set[str]) -> None:
         missing = columns - set(raw["train"].column_names)
@@ -264,11 +298,13 @@ class TokenizedTextData(SplitData):
             tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
             encoded.save_to_disk(str(tmp))
             (tmp / "label_names.json").write_text(json.dumps(names))
+            (tmp / "dedup.json").write_text(json.dumps(self.removed))
             try:
                 os.replace(tmp, target)
             except OSError:  # another job finished first: keep theirs
                 pass
         self.label_names = json.loads((target / "label_names.json").read_text())
+        self.removed = json.loads((target / "dedup.json").read_text())
         return load_from_disk(str(target))
 
     def setup(self, stage: str | None = None):

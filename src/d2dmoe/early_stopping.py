@@ -26,6 +26,7 @@ class KeepBest(Callback):
         self.best_weights: dict | None = None
         self.best_epoch = -1
         self.since_best = 0
+        self.history: list[float] = []  # the validation metric after each epoch
 
     def score(self, trainer: L.Trainer) -> tuple[float, float]:
         logged = trainer.callback_metrics
@@ -37,6 +38,7 @@ class KeepBest(Callback):
         if trainer.sanity_checking:
             return
         score = self.score(trainer)
+        self.history.append(sign(self.metric) * score[0])
         if self.best is None or score > self.best:
             self.best, self.best_epoch, self.since_best = score, trainer.current_epoch, 0
             self.best_weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -54,15 +56,20 @@ class KeepBest(Callback):
 
     @property
     def summary(self) -> dict:
-        """What the phase's artifact records about the choice."""
+        """What the phase's artifact records about the choice: the epoch kept, how many ran, and
+        whether the patience stopped training or the cap (dense.epochs / max_steps) did, in which
+        case it might have improved further."""
         if self.best is None:
             return {}
-        return {"best_epoch": self.best_epoch, f"best_val_{self.metric}": sign(self.metric) * self.best[0]}
+        return {"best_epoch": self.best_epoch, f"best_val_{self.metric}": sign(self.metric) * self.best[0],
+                "epochs_run": len(self.history), "val_history": self.history,
+                "stopped_by": "patience" if self.since_best >= self.patience else "cap"}
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_weights": self.best_weights, "best_epoch": self.best_epoch,
-                "since_best": self.since_best}
+                "since_best": self.since_best, "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch, self.since_best = state["best"], state["best_epoch"], state["since_best"]
+        self.history = list(state.get("history", []))
         self.best_weights = copy.copy(state["best_weights"])

@@ -6,7 +6,8 @@ Three kinds of source:
 - `image_folder`: an ImageNet-style folder with `train/` and `val/` (one subfolder per class), read
   by torchvision's ImageFolder; test = `val/`, validation is cut from train.
 - `digits`: scikit-learn's bundled 8x8 digits, split train/validation/test (for unit tests).
-Every cut uses a fixed seed.
+Every cut uses a fixed seed. With `dedup` (the default) identical images are removed first
+(d2dmoe.dedup): the test images stay whole, and no image is in two splits.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import dedup as dd
 from .data import LengthGroupedBatches, SplitData, require_local
 
 KINDS = ("idx", "image_folder", "digits")
@@ -77,7 +79,7 @@ class ImageClassificationData(SplitData):
                  mean: list[float] = (0.5,), std: list[float] = (0.5,), batch_size: int = 64,
                  eval_batch_size: int = 256, split_seed: int = 0, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, limit_train: int | None = None, limit_eval: int | None = None,
-                 num_workers: int = 0, cache_dir: str | None = None):
+                 num_workers: int = 0, cache_dir: str | None = None, dedup: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"data.kind={kind!r}; allowed: {list(KINDS)}")
@@ -88,6 +90,8 @@ class ImageClassificationData(SplitData):
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.num_workers = num_workers
         self.cache_dir = cache_dir
+        self.dedup = dedup
+        self.removed: dict | None = None  # what dedup removed (d2dmoe.dedup.report), once the data is read
         self.tokenizer = None  # images need none
         self.splits: dict[str, Dataset] | None = None
         self.label_names: list[str] | None = None
@@ -101,15 +105,28 @@ class ImageClassificationData(SplitData):
         k = int(round(fraction * n))
         return order[k:], order[:k]
 
+    def _distinct(self, keys: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+        """split -> indices kept (d2dmoe.dedup.disjoint; every index without dedup), and the count logged."""
+        if not self.dedup:
+            return {s: torch.arange(len(k)) for s, k in keys.items()}
+        keep = dd.disjoint(keys)
+        self.removed = dd.report(self.name, {s: len(k) for s, k in keys.items()}, {s: len(i) for s, i in keep.items()})
+        return {s: torch.tensor(i, dtype=torch.long) for s, i in keep.items()}
+
     def _load(self) -> dict[str, Dataset]:
         g = torch.Generator().manual_seed(self.split_seed)
         if self.kind != "digits":
             require_local(self.path, "folder")
         if self.kind == "idx":
             folder = Path(self.path)
-            load = lambda prefix, what: torch.from_numpy(read_idx(find_idx(folder, prefix, what)).copy())  # noqa: E731
-            x, y = load("train", "images").float() / 255, load("train", "labels").long()
-            x_test, y_test = load("t10k", "images").float() / 255, load("t10k", "labels").long()
+            load = lambda prefix, what: read_idx(find_idx(folder, prefix, what))  # noqa: E731
+            raw, raw_test = load("train", "images"), load("t10k", "images")
+            keep = self._distinct({"test": [dd.bytes_key(a.tobytes()) for a in raw_test],
+                                   "train": [dd.bytes_key(a.tobytes()) for a in raw]})
+            x = torch.from_numpy(raw.copy()).float()[keep["train"]] / 255
+            y = torch.from_numpy(load("train", "labels").copy()).long()[keep["train"]]
+            x_test = torch.from_numpy(raw_test.copy()).float()[keep["test"]] / 255
+            y_test = torch.from_numpy(load("t10k", "labels").copy()).long()[keep["test"]]
             train, val = self._cut(len(y), self.val_fraction, g)
             self.label_names = [str(i) for i in range(int(y.max()) + 1)]
             return {"train": TensorImages(x[train], y[train], self.mean, self.std),
@@ -119,8 +136,9 @@ class ImageClassificationData(SplitData):
             from sklearn.datasets import load_digits
 
             digits = load_digits()
-            x = torch.tensor(digits.images, dtype=torch.float32) / 16  # [N, 8, 8]
-            y = torch.tensor(digits.target, dtype=torch.long)
+            one = self._distinct({"all": [dd.bytes_key(a.tobytes()) for a in digits.images]})["all"]
+            x = torch.tensor(digits.images, dtype=torch.float32)[one] / 16  # [N, 8, 8]
+            y = torch.tensor(digits.target, dtype=torch.long)[one]
             rest, test = self._cut(len(y), self.test_fraction, g)
             keep, val = self._cut(len(rest), self.val_fraction / (1 - self.test_fraction), g)
             train, val = rest[keep], rest[val]
@@ -130,10 +148,15 @@ class ImageClassificationData(SplitData):
         root = Path(self.path)
         train_all = FolderImages(root / "train", self.image_size, self.mean, self.std, train=True)
         plain = FolderImages(root / "train", self.image_size, self.mean, self.std, train=False)
-        train, val = self._cut(len(train_all), self.val_fraction, g)
+        test = FolderImages(root / "val", self.image_size, self.mean, self.std, train=False)
+        # every file read once to compare bytes: for ImageNet-sized folders this takes a while
+        files = lambda d: [dd.bytes_key(Path(p).read_bytes()) for p, _ in d.data.samples]  # noqa: E731
+        keep = self._distinct({"test": files(test), "train": files(train_all)})
+        pool = keep["train"]
+        train, val = self._cut(len(pool), self.val_fraction, g)
         self.label_names = train_all.classes
-        return {"train": Subset(train_all, train.tolist()), "validation": Subset(plain, val.tolist()),
-                "test": FolderImages(root / "val", self.image_size, self.mean, self.std, train=False)}
+        return {"train": Subset(train_all, pool[train].tolist()), "validation": Subset(plain, pool[val].tolist()),
+                "test": Subset(test, keep["test"].tolist())}
 
     def setup(self, stage: str | None = None):
         if self.splits is not None:

@@ -4,6 +4,7 @@ depends on, so a run reuses whatever an earlier run with the same upstream confi
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .architecture import build, describe
-from .artifacts import Artifact
+from .artifacts import INFO, Artifact
 from .attention import finish_distillation, install_projection_mlps
 from .early_stopping import KeepBest
 from .models import Dims
@@ -479,6 +480,17 @@ def convert(cfg: DictConfig, wandb_run=None) -> tuple[Context, nn.Module, nn.Mod
     return ctx, dense, model_of(len(phases) - 1)
 
 
+def dense_training(cfg: DictConfig) -> dict:
+    """What the dense phase's training did (its artifact's info: epochs run, the epoch kept, what
+    stopped it; early_stopping.KeepBest.summary), for stats.json; {} for a reference used as it is."""
+    info = artifacts(cfg)["dense"].dir / INFO
+    keys = ("best_epoch", "epochs_run", "stopped_by", "val_history")
+    recorded = json.loads(info.read_text()) if info.exists() else {}
+    return {k: v for k, v in recorded.items() if k in keys or k.startswith("best_val_")}
+
+
 def run(cfg: DictConfig, wandb_run=None) -> Results:
     """All phases for one config; returns the evaluated points (the dense reference first) and stats."""
-    return evaluate_phase(*convert(cfg, wandb_run))
+    results = evaluate_phase(*convert(cfg, wandb_run))
+    results.stats["dense_training"] = dense_training(cfg)
+    return results

@@ -113,6 +113,7 @@ CHECKS: dict[str, Rule | str] = {
     "data.eval_batch_size": at_least(1),
     "data.num_workers": at_least(0),
     "data.split_seed": INT,
+    "data.dedup": BOOL,
     "data.val_fraction": SPLIT_FRACTION,
     "data.test_fraction": SPLIT_FRACTION,
     "data.limit_train": optional(at_least(1)),
