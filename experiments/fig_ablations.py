@@ -11,7 +11,7 @@ add seed=0,1,2 for intervals) and writes figures/fig_ablation_<name>.png, .pdf a
 seed, a router setting the sweep searched is chosen on validation (figures.choose_by_seed), and so is
 each arm's cheapest point within 1 point of dense (results.cheapest_within). Each arm is compared
 with the previous one on test, paired by seed and test example: the margin at rel_cost 0.5 and 0.75
-and at its worst cost of their shared range, with 95% bootstrap intervals (evidence.paired_margins).
+and at its worst cost of their shared range, with 95% intervals over seeds and test examples (evidence.paired_margins).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("ablation", choices=sorted(ABLATIONS))
     parser.add_argument("--results", nargs="+", default=None, help="default: results/fig_ablation_<ablation>")
     parser.add_argument("--out", default="figures")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of each interval")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test examples")
     args = parser.parse_args(argv)
 
     name = f"fig_ablation_{args.ablation}"

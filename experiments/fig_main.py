@@ -18,13 +18,13 @@ What the summary (printed, and <name>.json) holds per panel, and where each numb
 - `d2dmoe_minus_moefication`: the test margin (positive = D2DMoE better) of the two Pareto frontiers,
   linearly interpolated, averaged over seeds, at rel_cost 0.5 and 0.75, at its worst cost of the
   shared range, and where MoEfication leads with an interval excluding 0; each with a 95% paired
-  bootstrap interval over test examples and seeds (evidence.paired_margins).
+  interval over seeds and test examples (evidence.paired_margins), and each seed's own margin (`per_seed`).
 - `by_alpha`: with D2DMoE runs at several alphas for a panel, the same margin for each alpha.
 - `d2dmoe_minus_moefication_original`: where the sweep also ran MoEfication with its original router
   (`routing/router=moefication_original`: unit-normalised input, E wide, started at the experts'
   centroids), the same margin against it, on the seeds it has.
 
-The curves drawn are the mean over seeds of each seed's test frontier, with a 95% bootstrap band over
+The curves drawn are the mean over seeds of each seed's test frontier, with a 95% band over
 seeds and test examples (evidence.curve_band); the dense star's bar is the same.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def sparsify_epochs(runs: dict) -> int | None:
 
 def mean_curve(runs: dict, rule: str, resamples: int) -> tuple[np.ndarray, dict]:
     """The mean over seeds of each seed's test frontier, on the costs every seed reaches, with its
-    95% bootstrap band over seeds and test examples."""
+    95% band over seeds and test examples (evidence.curve_band)."""
     band = curve_band([run.test_curve(rule) for run in runs.values()], COST_GRID, resamples)
     reached = np.isfinite(band["mean"])
     return COST_GRID[reached], {k: band[k][reached] for k in ("mean", "lo", "hi")}
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", nargs="+", default=list(SWEEPS), help="sweep directories (one per family)")
     parser.add_argument("--out", default="figures")
     parser.add_argument("--name", default="fig_main", help="output file name (.png, .pdf, .json)")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of each interval")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test examples")
     args = parser.parse_args(argv)
 
     runs = load_runs(*args.results)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
                     fmt="k*", ms=12, label="dense (converged reference)")
         ax.set_xlabel(COST_LABEL)
         ax.set_ylabel(metric_label(metric))
-        ax.set_title(f"{model} on {data}: seeds {', '.join(map(str, seeds))};\n95% bootstrap bands "
+        ax.set_title(f"{model} on {data}: seeds {', '.join(map(str, seeds))};\n95% bands "
                      "(seeds and test examples)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -92,8 +92,9 @@ def main_figure(root: Path) -> list[str]:
            "sparsified model and routers; both methods' routers get the same search over learning rate and "
            "epochs, and each keeps, per seed, the setting best on validation. Choices are made on the "
            "validation split, numbers reported on the test split; brackets are 95% intervals: over seeds "
-           "(Student t) for the dense model and the cheapest point, and a paired bootstrap over seeds and "
-           "test examples for the margins.", "",
+           "(Student t) for the dense model and the cheapest point; for the margins, a Student t over "
+           "seeds widened by a bootstrap of the test examples, on which the seeds are paired "
+           "(its coverage checked by simulation: [docs/figures.md](docs/figures.md)).", "",
            f"![D2DMoE against MoEfication]({MAIN_FIGURE})", ""]
     for panel, s in panels.items():
         metric, c, m = s["metric"], s["cheapest_within"], s["d2dmoe_minus_moefication"]
@@ -115,8 +116,7 @@ def main_figure(root: Path) -> list[str]:
                 f"Shared rel_cost range (test) {m['shared_range'][0]:.3f} to {m['shared_range'][1]:.3f}; MoEfication ahead "
                 f"with an interval excluding 0: {'nowhere' if lead is None else f'from rel_cost {lead[0]:.3f} to {lead[1]:.3f}'}. "
                 f"With {len(s['seeds'])} seed(s) the test intervals over seeds have {len(s['seeds']) - 1} degree(s) of "
-                "freedom, so they are wide; the bootstrap intervals of the margins also resample the test examples, "
-                "on which the seeds are paired.",
+                "freedom, so they are wide.",
                 "", targets(panel, c, m), ""]
         gap = c["minus_dense"]["mean"]
         if gap is not None and metric == "accuracy" and gap < -c["tolerance"]:  # the bar held on validation only

@@ -76,8 +76,8 @@ def test_paired_comparison_finds_a_planted_difference_that_unpaired_data_hide():
 
 
 def test_seeds_enter_the_interval():
-    """Three seeds whose margins are +0.06, 0 and -0.06 on the same examples: the mean is 0, and the
-    interval is wide, since resampling seeds draws each often alone."""
+    """Three seeds whose margins are +0.06, 0 and -0.06 on the same examples: the mean is 0, each
+    seed's margin is kept, and the interval is at least the Student-t interval of those three."""
     n = 2000
     base = rng.random(n) < 0.7
     pairs = []
@@ -88,18 +88,23 @@ def test_seeds_enter_the_interval():
         pairs.append((curve(a[None], [1.0]), curve(base[None], [1.0])))
     r = paired_margins(pairs, np.array([1.0]), resamples=1000)
     assert r["mean"][0] == pytest.approx(0.0, abs=1e-12)
-    assert r["lo"][0] < -0.03 and r["hi"][0] > 0.03
+    assert r["per_seed"][:, 0] == pytest.approx([0.06, 0.0, -0.06], abs=1e-12)
+    seeds_only = t_interval([0.06, 0.0, -0.06])
+    assert r["lo"][0] <= seeds_only["lo"] and r["hi"][0] >= seeds_only["hi"]
+    # the examples add little here (their mean margin is 0 under every resample but for noise)
+    assert r["hi"][0] == pytest.approx(seeds_only["hi"], rel=0.05)
 
 
 def test_summary_names_the_worst_cost_and_where_b_leads():
     comparison = {"at": np.array([0.2, 0.5, 0.75, 1.0]), "mean": np.array([np.nan, -0.05, 0.02, 0.01]),
                   "lo": np.array([np.nan, -0.08, -0.01, 0.0]), "hi": np.array([np.nan, -0.02, 0.05, 0.02]),
-                  "valid": np.array([0.0, 1.0, 1.0, 1.0])}
+                  "valid": np.array([0.0, 1.0, 1.0, 1.0]),
+                  "per_seed": np.array([[np.nan, -0.04, 0.03, 0.01], [np.nan, -0.06, 0.01, 0.01]])}
     s = summarise(comparison, (0.5, 0.75))
     assert s["shared_range"] == [0.5, 1.0]
     assert s["worst"]["rel_cost"] == 0.5 and s["worst"]["mean"] == -0.05
     assert s["b_leads_excluding_0"] == [0.5, 0.5]
-    assert s["at"]["0.75"]["mean"] == 0.02
+    assert s["at"]["0.75"]["mean"] == 0.02 and s["at"]["0.75"]["per_seed"] == [0.03, 0.01]
 
 
 def points(test: list[tuple], val: list[tuple]) -> list[dict]:

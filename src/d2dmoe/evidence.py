@@ -88,22 +88,34 @@ def example_weights(n: int, resamples: int, rng: np.random.Generator) -> np.ndar
     return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)
 
 
-def seed_example_bootstrap(per_seed, seeds: int, n: int, resamples: int = 2000, seed: int = 0,
-                           level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A statistic averaged over seeds, and its percentile interval: each resample draws seeds with
-    replacement and n examples with replacement (the same examples for every seed: they share the
-    test split). per_seed(s, weights [B, n]) -> [B, G]: seed s's statistic under each weighting.
-    Returns (measured [G], lo [G], hi [G], valid [G]: the fraction of resamples where it is finite)."""
+def seeds_and_examples(per_seed, seeds: int, n: int, resamples: int = 2000, seed: int = 0,
+                       level: float = LEVEL) -> dict:
+    """A statistic averaged over seeds, and its interval, from two sources of error: the seeds
+    (independent trainings) and the test examples (one split, shared by every seed).
+    per_seed(s, weights [B, n]) -> [B, G]: seed s's statistic under each weighting of the examples.
+
+    The interval is mean +- t(seeds - 1) * sqrt(var_seeds / seeds + var_examples): var_seeds is the
+    spread of the seeds' statistics on the whole split, var_examples that of their mean over
+    bootstrap resamples of the examples (the same draw for every seed). A percentile bootstrap that
+    also resamples the seeds covered 80-87% instead of 95% with three seeds in simulation
+    (tests/test_coverage.py), since three values understate their own spread; with one seed, the
+    examples' percentile interval is all there is.
+    Returns {"mean", "lo", "hi", "valid" (the fraction of resamples where it is finite), "per_seed"
+    ([S, G], each seed on the whole split)}, arrays over G."""
     rng = np.random.default_rng(seed)
-    measured = np.mean([per_seed(s, np.ones((1, n)))[0] for s in range(seeds)], axis=0)
-    weights = example_weights(n, resamples, rng)
-    per = np.stack([per_seed(s, weights) for s in range(seeds)])  # [S, B, G]
-    drawn = rng.integers(0, seeds, size=(resamples, seeds))  # seeds drawn per resample
-    boot = np.stack([per[drawn[i], i].mean(0) for i in range(resamples)])  # [B, G]
+    measured = np.stack([per_seed(s, np.ones((1, n)))[0] for s in range(seeds)])  # [S, G]
+    mean = measured.mean(0)
+    weights = example_weights(n, resamples, rng)  # one draw of examples for every seed: they share the split
+    boot = np.mean([per_seed(s, weights) for s in range(seeds)], axis=0)  # [B, G]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: costs no resample reaches stay NaN
-        lo, hi = np.nanpercentile(boot, [50 * (1 - level), 50 * (1 + level)], axis=0)
-    return measured, lo, hi, np.isfinite(boot).mean(0)
+        if seeds == 1:
+            lo, hi = np.nanpercentile(boot, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        else:
+            spread = measured.var(0, ddof=1) / seeds + np.nanvar(boot, 0, ddof=1)
+            half = stats.t.ppf(0.5 + level / 2, seeds - 1) * np.sqrt(spread)
+            lo, hi = mean - half, mean + half
+    return {"mean": mean, "lo": lo, "hi": hi, "valid": np.isfinite(boot).mean(0), "per_seed": measured}
 
 
 def frontiers(curve: Curve, weights: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -115,10 +127,11 @@ def frontiers(curve: Curve, weights: np.ndarray, at: np.ndarray) -> np.ndarray:
 def paired_margins(pairs: list[tuple[Curve, Curve]], at: np.ndarray, resamples: int = 2000,
                    seed: int = 0, level: float = LEVEL) -> dict:
     """A minus B (sign-adjusted: positive = A better) at the costs `at`, averaged over the pairs (one
-    per seed: A and B trained from the same seed's dense model), with a paired bootstrap interval
-    (seed_example_bootstrap): the same resampled examples for A and B, both curves recomputed and
-    their frontiers interpolated. Returns {"at", "mean" (the measured margin), "lo", "hi", "valid"
-    (the fraction of resamples in which both curves reach each cost)}, arrays over `at`."""
+    per seed: A and B trained from the same seed's dense model), with its interval over seeds and
+    test examples (seeds_and_examples): the same resampled examples for A and B, both curves
+    recomputed and their frontiers interpolated. Returns {"at", "mean" (the measured margin), "lo",
+    "hi", "valid" (the fraction of resamples in which both curves reach each cost), "per_seed"
+    ([S, len(at)]: each pair's margin)}."""
     n = pairs[0][0].sums.shape[1]
     if any(c.sums.shape[1] != n for pair in pairs for c in pair):
         raise ValueError("the curves of a paired comparison must be measured on the same examples")
@@ -128,17 +141,15 @@ def paired_margins(pairs: list[tuple[Curve, Curve]], at: np.ndarray, resamples: 
         a, b = pairs[i]
         return s * (frontiers(a, weights, at) - frontiers(b, weights, at))
 
-    mean, lo, hi, valid = seed_example_bootstrap(margin, len(pairs), n, resamples, seed, level)
-    return {"at": at, "mean": mean, "lo": lo, "hi": hi, "valid": valid}
+    return {"at": at, **seeds_and_examples(margin, len(pairs), n, resamples, seed, level)}
 
 
 def curve_band(curves: list[Curve], at: np.ndarray, resamples: int = 2000, seed: int = 0,
                level: float = LEVEL) -> dict:
-    """The seeds' mean frontier at `at` with its bootstrap interval over seeds and test examples."""
+    """The seeds' mean frontier at `at` with its interval over seeds and test examples."""
     n = curves[0].sums.shape[1]
-    mean, lo, hi, valid = seed_example_bootstrap(lambda i, w: frontiers(curves[i], w, at), len(curves), n,
-                                                 resamples, seed, level)
-    return {"at": at, "mean": mean, "lo": lo, "hi": hi, "valid": valid}
+    return {"at": at, **seeds_and_examples(lambda i, w: frontiers(curves[i], w, at), len(curves), n,
+                                           resamples, seed, level)}
 
 
 def summarise(comparison: dict, check_at: tuple[float, ...]) -> dict:
@@ -148,7 +159,7 @@ def summarise(comparison: dict, check_at: tuple[float, ...]) -> dict:
 
     def row(i: int) -> dict:
         return {"rel_cost": float(at[i]), "mean": _num(mean[i]), "lo": _num(lo[i]), "hi": _num(hi[i]),
-                "valid": float(comparison["valid"][i])}
+                "valid": float(comparison["valid"][i]), "per_seed": [_num(x) for x in comparison["per_seed"][:, i]]}
 
     finite = np.flatnonzero(np.isfinite(mean))
     out = {"shared_range": [float(at[finite[0]]), float(at[finite[-1]])] if len(finite) else None,

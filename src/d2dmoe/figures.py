@@ -177,7 +177,7 @@ def select_seeds(runs: list[Run], wanted: dict[str, dict], figure: str, command:
 
 def compare(pairs: list[tuple[Run, str, Run, str]], resamples: int) -> dict:
     """Run A's curve of its rule minus run B's (positive = A better) on test, one (A, rule, B, rule)
-    per seed, at COST_GRID with paired bootstrap intervals, summarised at CHECK_AT and the worst cost
+    per seed, at COST_GRID with intervals over seeds and test examples, summarised at CHECK_AT and the worst cost
     (evidence.paired_margins, evidence.summarise)."""
     curves = [(a.test_curve(rule_a), b.test_curve(rule_b)) for a, rule_a, b, rule_b in pairs]
     return summarise(paired_margins(curves, COST_GRID, resamples), CHECK_AT)
