@@ -36,7 +36,7 @@ from d2dmoe.moe import FFN, MoE, Router, fused_unavailable
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 SIZES = {"minilm": (384, 1536), "bert_base": (768, 3072)}  # d, d_ff
 EXPERTS = (128, 32)
-MODEL_KEYS = ("model_overrides", "model_repeats", "model_commit", "model_cpu", "model_impl", "model", "model_int8",
+MODEL_KEYS = ("model_overrides", "model_repeats", "model_commit", "model_dedup", "model_cpu", "model_impl", "model", "model_int8",
               "model_bf16", "model_fastest")
 
 
@@ -169,7 +169,9 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
 
     dense_ms, dense_value = timed(dense)
     base = {**counted(dense), "rel_cost": 1.0}
-    rows = {"model": [row(None, dense_ms, dense_value, base, val_value=base["val_value"])]}
+    # whether the splits had their repeats removed (d2dmoe.dedup): the README says so of rows without
+    rows = {"model_dedup": bool(cfg.data.get("dedup", False)),
+            "model": [row(None, dense_ms, dense_value, base, val_value=base["val_value"])]}
     quantized = dense_int8(dense).eval()
     ms, value = timed(quantized)
     rows["model_int8"] = [row(None, ms, value, base, val_value=score(quantized, val))]

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from d2dmoe.results import TOLERANCE, cheapest_within, read_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +57,9 @@ def main() -> None:
                "chosen_on": "validation", "dense_val_value": dense["val_value"],
                "best_val_rel_cost": best["val_rel_cost"] if best else None,
                "best_val_value": best["val_value"] if best else None,
-               "best_experts_per_token": best["experts_per_token"] if best else None}
+               "best_experts_per_token": best["experts_per_token"] if best else None,
+               # whether the splits had their repeats removed (d2dmoe.dedup): the README says so of rows without
+               "dedup": bool(OmegaConf.load(run_dir / ".hydra" / "config.yaml").data.get("dedup", False))}
     (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         print(f"{label}: lowest rel_cost within {cheapest['tolerance']:g} of dense, chosen on validation "
               f"({len(by_seed)} seed(s), test): "
               + (f"{costs['mean']:.3f} at {value['mean']:.4f}" if costs["n"] else "none"))
-        arm = {"seeds": sorted(by_seed), "cheapest_within": cheapest}
+        arm = {"seeds": sorted(by_seed), "metric": first.dense["metric"], "cheapest_within": cheapest}
         if previous is not None:
             prev_label, prev_runs, prev_rule = previous
             seeds = sorted(set(by_seed) & set(prev_runs))

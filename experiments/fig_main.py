@@ -11,7 +11,9 @@ What the summary (printed, and <name>.json) holds per panel, and where each numb
   .hydra/config.yaml), so that the README can say when a preset has moved on from them.
 - `chosen`: per method and seed, the router setting (lr, epochs) the sweep searched, chosen on
   validation (figures.choose_by_seed): each method gets the same search.
-- `dense`: the dense reference's test metric, mean and 95% t-interval over seeds.
+- `dense`: the dense reference's test metric, mean and 95% t-interval over seeds; `dense_training`,
+  per seed, what its training did (epochs run, the epoch kept, whether the patience or the cap
+  stopped it; null for runs made before it was recorded).
 - `cheapest_within`: per seed, D2DMoE's point of lowest validation rel_cost whose validation metric is
   within 1 point of the dense model's (results.cheapest_within), and its test rel_cost, test metric
   and test distance to dense; their mean and 95% t-interval over seeds.
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
         used = [r.dir.resolve() for r in runs if (r.setting["model"], r.setting["data"]) == (model, data)]
         s = {"metric": metric, "split": "test", "seeds": seeds, "alpha": alpha,
              "sparsity_epochs": sparsify_epochs(d2d), "dense": dense,
+             # what each seed's dense training did (stats.json): epochs run, the epoch kept, what stopped it
+             "dense_training": {str(k): (r.stats or {}).get("dense_training") for k, r in d2d.items()},
              "sweeps": [d for d in args.results if any(Path(d).resolve() in u.parents for u in used)],
              "chosen": {"d2dmoe": {str(k): r.tuned for k, r in d2d.items()},
                         "moefication": {str(k): r.tuned for k, r in moef.items()}},

@@ -23,6 +23,8 @@ PINNED = {
                                   "split-fb74f67de20b", "routers-5d5d2d188abf"],
     ("experiment=gpt2_bbc",): ["dense-ad0672de1bbe", "sparsify-9ff5df4311fd", "split-8d914197b9b3",
                                "routers-71fe0e2be573"],
+    # the splits as the sources ship them, repeats and all: the names from before d2dmoe.dedup
+    ("data.dedup=false",): ["dense-e2b0ff3f3671", "sparsify-e8b2ee135671", "split-d7570281cb0b", "routers-3e4624c38d84"],
     ("experiment=vit_fashion",): ["dense-2384b0bb61eb", "sparsify-430eb35320b1", "split-b71d853bf646",
                                   "routers-97fcef0dabe0"],
 }

@@ -2,6 +2,7 @@
 as stated, and name the missing runs when their inputs are incomplete."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ DEFAULT_ALPHA = default_alpha()  # the sparsified run the expert-use and phases 
 def script(name: str):
     spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

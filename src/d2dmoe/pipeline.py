@@ -42,7 +42,8 @@ SPARSITY_ATTENTION_KEYS = ("attention_scale", "attention_lr")  # act only on con
 # settings added after artifacts already existed: left out of the hash while they keep the behaviour
 # that came before them, so those artifacts keep their names
 ADDED_WITH_DEFAULT = {"sparsity": {"activation": "relu", "attention_scale": 1.0, "attention_lr": None},
-                      "router": {"kind": "regression"}, "attention": {"width": 1}, "model": {"layout": None}}
+                      "router": {"kind": "regression"}, "attention": {"width": 1}, "model": {"layout": None},
+                      "data": {"dedup": False}}
 
 
 def plain(node) -> dict:
@@ -189,7 +190,7 @@ def module_spec(cfg: DictConfig, phase: "Phase") -> dict:
 
 
 def dense_spec(cfg: DictConfig) -> dict:
-    data = {k: v for k, v in plain(cfg.data).items() if k not in DATA_KEYS_IGNORED}
+    data = {k: v for k, v in spec_of(cfg.data, "data").items() if k not in DATA_KEYS_IGNORED}
     spec = {"model": spec_of(cfg.model, "model"), "data": data, "dense": plain(cfg.dense), "seed": cfg.seed}
     # with early stopping, validation chooses the weights: how much of it runs is part of the model
     if cfg.dense.get("patience") and cfg.trainer.get("limit_val_batches", 1.0) != 1.0:
