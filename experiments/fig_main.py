@@ -9,8 +9,10 @@ What the summary (printed, and <name>.json) holds per panel, and where each numb
 
 - `alpha`, `sparsity_epochs`: D2DMoE's sparsity settings in the panel (the epochs from its runs'
   .hydra/config.yaml), so that the README can say when a preset has moved on from them.
-- `chosen`: per method and seed, the router setting (lr, epochs) the sweep searched, chosen on
-  validation (figures.choose_by_seed): each method gets the same search.
+- `chosen`: per method and seed, the setting (router lr and epochs, sparsify epochs) the sweep
+  searched, chosen on validation (figures.choose_by_seed): each method gets the same search;
+  `searched`: the values each method's search covered; `on_edge`: the choices at the lowest or
+  highest value searched, where the grid may not hold the optimum.
 - `dense`: the dense reference's test metric, mean and 95% t-interval over seeds; `dense_training`,
   per seed, what its training did (epochs run, the epoch kept, whether the patience or the cap
   stopped it; null for runs made before it was recorded).
@@ -52,8 +54,10 @@ from d2dmoe.figures import (
     default_alpha,
     load_runs,
     metric_label,
+    on_edge,
     pyplot,
     save,
+    search_grid,
     select_seeds,
 )
 
@@ -121,12 +125,11 @@ def main(argv=None) -> int:
     runs = load_runs(*args.results)
     panels = sorted({(r.setting["model"], r.setting["data"]) for r in runs}) or [("?", "?")]
     try:
-        chosen = {(m, d): select_seeds(runs, {"D2DMoE": {"model": m, "data": d, "method": "d2dmoe", "rule": "dynk",
-                                                         **headline_alpha(runs, m, d)},
-                                              "MoEfication": {"model": m, "data": d, "method": "moefication",
-                                                              "router": "moefication", "rule": "topk"}},
-                                       "fig_main", COMMAND)
-                  for m, d in panels}
+        wanted = {(m, d): {"D2DMoE": {"model": m, "data": d, "method": "d2dmoe", "rule": "dynk",
+                                      **headline_alpha(runs, m, d)},
+                           "MoEfication": {"model": m, "data": d, "method": "moefication", "router": "moefication",
+                                           "rule": "topk"}} for m, d in panels}
+        chosen = {panel: select_seeds(runs, want, "fig_main", COMMAND) for panel, want in wanted.items()}
     except MissingRuns as err:
         sys.exit(str(err))
 
@@ -171,8 +174,13 @@ def main(argv=None) -> int:
              "sweeps": [d for d in args.results if any(Path(d).resolve() in u.parents for u in used)],
              "chosen": {"d2dmoe": {str(k): r.tuned for k, r in d2d.items()},
                         "moefication": {str(k): r.tuned for k, r in moef.items()}},
+             # the settings each method's search covered, and the choices on its edge
+             "searched": {name: search_grid(runs, wanted[(model, data)][label])
+                          for name, label in (("d2dmoe", "D2DMoE"), ("moefication", "MoEfication"))},
              "cheapest_within": cheapest_by_seed(d2d, "dynk"),
              "d2dmoe_minus_moefication": margins(d2d, moef, args.resamples)}
+        s["on_edge"] = {name: on_edge(s["searched"][name], by_seed) for name, by_seed in (("d2dmoe", d2d),
+                                                                                         ("moefication", moef))}
         if original:  # the same comparison against MoEfication's own router, on the seeds it has
             s["chosen"]["moefication_original"] = {str(k): r.tuned for k, r in original.items()}
             s["d2dmoe_minus_moefication_original"] = margins({k: d2d[k] for k in original}, original, args.resamples)

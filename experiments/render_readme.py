@@ -153,7 +153,7 @@ def main_figure(root: Path) -> list[str]:
                 f"with an interval excluding 0: {'nowhere' if lead is None else f'from rel_cost {lead[0]:.3f} to {lead[1]:.3f}'}. "
                 f"With {len(s['seeds'])} seed(s) the test intervals over seeds have {len(s['seeds']) - 1} degree(s) of "
                 "freedom, so they are wide.",
-                "", targets(panel, c, m), ""]
+                "", targets(panel, c, m), "", *search_edges(s)]
         gap = c["minus_dense"]["mean"]
         if gap is not None and metric == "accuracy" and gap < -c["tolerance"]:  # the bar held on validation only
             out += [f"On the test split the points chosen on validation average {100 * -gap:.2f} points below "
@@ -176,6 +176,22 @@ def main_figure(root: Path) -> list[str]:
         out += [f"Pending: the `{panel}` panel ({what}); no per-seed data in `figures/data/{folder}` yet "
                 f"(`python run.py -m experiment={experiment}`).", ""]
     return out
+
+
+def search_edges(s: dict) -> list[str]:
+    """Which method's choices sit on the edge of what its search covered (fig_main's on_edge)."""
+    if "on_edge" not in s:
+        return []
+    said = []
+    for method, name in (("d2dmoe", "D2DMoE"), ("moefication", "MoEfication")):
+        grid = ", ".join(f"{k} {' / '.join(f'{v:g}' for v in values)}" for k, values in s["searched"][method].items()
+                         if len(values) > 1)
+        edges = s["on_edge"][method]
+        said.append(f"{name} searched {grid or 'one setting'}"
+                    + (": its validation choice sits on the grid's edge for " + "; ".join(
+                        f"seed {e['seed']} ({e['key']} {e['value']:g}, the {e['edge']})" for e in edges)
+                       if edges else ", every validation choice inside the grid"))
+    return ["Searches: " + ". ".join(said) + ".", ""]
 
 
 def dense_runs(s: dict) -> str:

@@ -189,6 +189,10 @@ def test_fig_main_chooses_router_settings_on_validation(tmp_path):
     script("fig_main").main(["--results", str(tmp_path / "s"), "--out", str(tmp_path / "out"), "--resamples", "50"])
     summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
     assert summary["chosen"]["d2dmoe"]["0"]["router_lr"] == 0.01  # better on validation, worse on test
+    # the search covered lr 0.001 and 0.01, and the choice sits on its edge; MoEfication searched one value
+    assert summary["searched"]["d2dmoe"]["router_lr"] == [0.001, 0.01]
+    assert summary["on_edge"] == {"d2dmoe": [{"seed": 0, "key": "router_lr", "value": 0.01, "edge": "highest"}],
+                                  "moefication": []}
     assert summary["d2dmoe_minus_moefication"]["at"]["0.5"]["mean"] == pytest.approx(0.58 - (0.5 + 0.35 * 2 / 3))
 
 

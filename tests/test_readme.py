@@ -281,3 +281,12 @@ def test_a_runs_curve_renders_with_its_choice_or_plainly_none(render, tmp_path):
     (tmp_path / "figures" / "curve_lm.json").write_text(json.dumps(curve))
     assert ("No converted point keeps the dense quality on validation (loss at most 2% above dense): the closest, "
             "tau=0 at rel_cost 1.020, has a validation loss of 3.450 against dense's 3.400.") in render.render(tmp_path)
+
+
+def test_choices_on_the_edge_of_a_search_are_named(render):
+    s = {"searched": {"d2dmoe": {"router_lr": [0.003, 0.01, 0.03], "router_epochs": [1, 3, 6], "sparsity_epochs": [4]},
+                      "moefication": {"router_lr": [0.003, 0.01, 0.03], "router_epochs": [1, 3, 6], "sparsity_epochs": [4]}},
+         "on_edge": {"d2dmoe": [], "moefication": [{"seed": 1, "key": "router_epochs", "value": 6, "edge": "highest"}]}}
+    said = render.search_edges(s)[0]
+    assert "D2DMoE searched router_lr 0.003 / 0.01 / 0.03, router_epochs 1 / 3 / 6, every validation choice inside" in said
+    assert "MoEfication searched" in said and "edge for seed 1 (router_epochs 6, the highest)" in said

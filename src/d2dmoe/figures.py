@@ -28,7 +28,7 @@ TAU_NOTE = "dynamic-k: expert e runs iff $r_e \\geq \\tau \\max_j r_j$"
 SETTING_KEYS = ("model", "data", "method", "router", "alpha", "activation", "num_experts", "expert_size",
                 "attention")
 # settings a sweep searches per method and seed; a figure takes, per seed, the value best on validation
-TUNED_KEYS = ("router_lr", "router_epochs")
+TUNED_KEYS = ("router_lr", "router_epochs", "sparsity_epochs")
 CHECK_AT = (0.5, 0.75)  # the rel_costs every comparison of two curves reports
 COST_GRID = np.union1d(np.linspace(0.0, 1.2, 241), CHECK_AT)  # the costs comparisons are computed at
 
@@ -159,6 +159,21 @@ def choose_by_seed(runs: list[Run], want: dict) -> dict[int, Run]:
             if len(candidates) > 1 else [0.0]
         chosen[seed] = candidates[int(np.argmax(scores))]
     return chosen
+
+
+def search_grid(runs: list[Run], want: dict) -> dict[str, list]:
+    """The values of each TUNED_KEY that the runs matching `want` searched (as choose_by_seed groups them)."""
+    found = [r for r in runs if matches(r.setting, want)]
+    found = [r for r in found if r.setting == found[0].setting]
+    return {k: sorted({r.tuned[k] for r in found if r.tuned[k] is not None}) for k in TUNED_KEYS}
+
+
+def on_edge(grid: dict[str, list], chosen: dict[int, Run]) -> list[dict]:
+    """Each seed's chosen setting that sits on the edge of a searched range (its lowest or highest
+    value, where more than one was searched): a sign the grid may not hold the optimum."""
+    return [{"seed": seed, "key": k, "value": run.tuned[k], "edge": "lowest" if run.tuned[k] == values[0] else "highest"}
+            for seed, run in sorted(chosen.items()) for k, values in grid.items()
+            if len(values) > 1 and run.tuned[k] in (values[0], values[-1])]
 
 
 def select_seeds(runs: list[Run], wanted: dict[str, dict], figure: str, command: str) -> dict[str, dict[int, Run]]:

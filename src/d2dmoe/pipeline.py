@@ -431,6 +431,7 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
     common = {"model": cfg.model.name, "data": cfg.data.name, "alpha": float(cfg.sparsity.alpha),
               "penalty": cfg.sparsity.penalty, "activation": cfg.sparsity.activation,
               "router": r.kind, "router_lr": float(r.lr), "router_epochs": int(r.epochs),
+              "sparsity_epochs": int(cfg.sparsity.epochs),
               "num_experts": num_experts(cfg, ctx.dims), "expert_size": ctx.dims.d_ff // num_experts(cfg, ctx.dims),
               "attention": bool(cfg.attention.convert), "metric": ctx.adapter.task.metric, "split": "test",
               "seed": int(cfg.seed)}
