@@ -133,14 +133,30 @@ def test_fig_main_records_the_panels_sparsify_epochs(tmp_path):
     """The points carry alpha but not the sparsify epochs: the panel takes them from its D2DMoE runs'
     configs, so that the README can tell when a preset has moved on from them."""
     d2dmoe = make_run(tmp_path / "sweep" / "0", {}, {"dynk": DYNK})
-    make_run(tmp_path / "sweep" / "1", {"method": "moefication", "router": "moefication", "alpha": 0.0},
-             {"topk": TOPK})
+    make_run(tmp_path / "sweep" / "1", {"method": "moefication", "router": "moefication", "alpha": 0.0,
+                                        "sparsity_epochs": 4}, {"topk": TOPK})
     (d2dmoe / ".hydra").mkdir()
     (d2dmoe / ".hydra" / "config.yaml").write_text("sparsity: {alpha: 0.01, epochs: 2}\n")
     script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"),
                              "--resamples", "50"])
     summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
     assert summary["sparsity_epochs"] == 2 and summary["alpha"] == 0.01
+    # points without sparsity_epochs take it from the job's config, as a tuned setting
+    assert summary["chosen"]["d2dmoe"]["0"]["sparsity_epochs"] == 2
+    assert summary["chosen"]["moefication"]["0"]["sparsity_epochs"] == 4  # the point's own key
+
+
+def test_fig_main_chooses_moefications_sparsify_epochs_on_validation(tmp_path):
+    """MoEfication run at two sparsify epochs: per seed, validation picks, as it does the router settings."""
+    moef = {"method": "moefication", "router": "moefication", "alpha": 0.0}
+    make_run(tmp_path / "s" / "0", {}, {"dynk": DYNK})
+    make_run(tmp_path / "s" / "1", {**moef, "sparsity_epochs": 2}, {"topk": TOPK},
+             val={"topk": [(c, v + 0.05) for _, c, v in TOPK]})
+    make_run(tmp_path / "s" / "2", {**moef, "sparsity_epochs": 4}, {"topk": [(k, c, v + 0.02) for k, c, v in TOPK]})
+    script("fig_main").main(["--results", str(tmp_path / "s"), "--out", str(tmp_path / "out"), "--resamples", "50"])
+    summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
+    assert summary["chosen"]["moefication"]["0"]["sparsity_epochs"] == 2  # better on validation, worse on test
+    assert summary["searched"]["moefication"]["sparsity_epochs"] == [2, 4]
 
 
 def test_fig_main_adds_moefications_original_router_where_it_ran(tmp_path):

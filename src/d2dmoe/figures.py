@@ -71,7 +71,13 @@ class Run:
 
     @property
     def tuned(self) -> dict:
-        return {k: self.points[0].get(k) for k in TUNED_KEYS}
+        """The TUNED_KEYS' values; sparsity_epochs from the job's .hydra/config.yaml for points made
+        before they recorded it."""
+        tuned = {k: self.points[0].get(k) for k in TUNED_KEYS}
+        config = self.dir / ".hydra" / "config.yaml"
+        if tuned["sparsity_epochs"] is None and config.exists():
+            tuned["sparsity_epochs"] = int(OmegaConf.load(config).sparsity.epochs)
+        return tuned
 
     def rows(self, rule: str) -> list[int]:
         """Indices (into points.jsonl and examples.npz) of the rule's points, cheapest first."""
