@@ -47,7 +47,7 @@ def test_main_figure_sweeps_give_both_methods_the_same_router_search_on_three_se
     assert methods == {("d2dmoe", own_alpha, "dynk"), ("moefication", 0.0, "topk")} and own_alpha > 0
     searched = {m: sorted((c.seed, c.routing.router.lr, c.routing.router.epochs) for c in jobs if c.method.name == m)
                 for m in ("d2dmoe", "moefication")}
-    assert searched["d2dmoe"] == searched["moefication"] and len(searched["d2dmoe"]) == 3 * 4
+    assert searched["d2dmoe"] == searched["moefication"] and len(searched["d2dmoe"]) == 3 * 9  # seeds x lr x epochs
     assert {s for s, _, _ in searched["d2dmoe"]} == {0, 1, 2}
     assert jobs[0].method.name == "d2dmoe" and jobs[0].seed == 0
 

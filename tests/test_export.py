@@ -13,7 +13,7 @@ from torch import nn
 import d2dmoe
 from d2dmoe import pipeline
 from d2dmoe.attention import install_projection_mlps
-from d2dmoe.export import CONFIG, WEIGHTS, ConvertedModel, choose_tau, model_spec, save
+from d2dmoe.export import CONFIG, WEIGHTS, ConvertedModel, UnsafeFolder, choose_tau, model_spec, save
 from d2dmoe.moe import DynamicKGate, moe_layers, set_gate
 from d2dmoe.phases.evaluate import Evaluation
 from d2dmoe.phases.split import split_model
@@ -145,6 +145,38 @@ def test_broken_folders_give_clear_errors(tmp_path):
     (mismatched / CONFIG).write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         d2dmoe.load(mismatched)
+
+
+CALLED = []
+
+
+def hostile(*args, **kwargs):
+    """What a hostile folder would have loading call: it records that it ran."""
+    CALLED.append((args, kwargs))
+
+
+@pytest.mark.parametrize("where", ["adapter", "nested", "remote_code"])
+def test_a_folder_naming_code_is_refused_and_nothing_in_it_runs(where, tmp_path):
+    """A downloaded folder is data: a callable named in its d2dmoe.json is never imported or called,
+    and the error names the key."""
+    _adapter, model, spec = converted("bert", False)
+    folder = save(tmp_path / "m", model, spec)
+    s = json.loads((folder / CONFIG).read_text())
+    named = f"{__name__}.hostile"
+    if where == "adapter":
+        s["adapter"]["_target_"] = named
+        match = "adapter._target_ is"
+    elif where == "nested":
+        s["adapter"]["config"] = {"_target_": named, "_args_": ["ran"]}
+        match = "adapter.config._target_: a converted model folder holds data only"
+    else:
+        s["adapter"]["trust_remote_code"] = True
+        match = "adapter.trust_remote_code is true"
+    (folder / CONFIG).write_text(json.dumps(s))
+    CALLED.clear()
+    with pytest.raises(UnsafeFolder, match=match):
+        d2dmoe.load(folder)
+    assert CALLED == []
 
 
 def test_convert_command_meets_the_budget_on_held_out_data(tmp_path):

@@ -31,22 +31,65 @@ def config_dir() -> Path:
 
 CONF = config_dir()
 USAGE = __doc__.split("\n\n")[1]
+HELP = f"""usage:
+{USAGE}
+
+commands:
+  convert    convert a dense model into a dynamic-k MoE and save it (d2dmoe convert --help)
+  info       describe a converted model folder (d2dmoe info --help)"""
+CONVERT_HELP = """usage: d2dmoe convert [KEY=VALUE ...]
+
+Converts a dense model (every phase: dense reference, sparsify, split, routers, as run.py runs them,
+reusing the same artifacts), picks the tau whose validation metric is best within the budget,
+measures it on the test split and saves the converted model.
+
+keys:
+  budget=FLOAT       the largest validation rel_cost allowed (convert.budget; default 0.5)
+  out=DIR            where to save the converted model (convert.out)
+  per_layer=BOOL     also calibrate a tau per MoE layer to the budget (convert.per_layer)
+  model.path=DIR     your own model (a transformers or timm folder, or a hub id with offline=false);
+                     its adapter is read from the folder (model=auto)
+  data=NAME          the data: bbc_news (default), carer, bbc_news_lm, fashion_mnist, imagenet, ...
+  data.path=PATH     where the data are (a folder of train/val/test files, one file, or a hub name)
+
+Any other key of run.py's config groups works too (model, data, sparsity, experts, routing, ...:
+README.md, "Configuring and sweeping"); `d2dmoe convert --hydra-help` shows Hydra's own help.
+
+examples:
+  d2dmoe convert budget=0.5
+  d2dmoe convert model.path=/models/my-roberta data=carer data.path=/data/emotion budget=0.4 out=my-moe"""
+INFO_HELP = """usage: d2dmoe info DIR
+
+Describes a converted model folder (written by d2dmoe convert or save_pretrained): its family,
+experts, routers, operating tau, and the test and validation numbers measured when it was made."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["info"] and len(argv) == 2:
-        print(info(argv[1]))
+    command, rest = (argv[0], argv[1:]) if argv else (None, [])
+    wants_help = any(a in ("-h", "--help") for a in rest)
+    if command in ("-h", "--help"):
+        print(HELP)
         return 0
-    if argv[:1] == ["convert"]:
+    if command == "info":
+        if wants_help or len(rest) != 1:
+            print(INFO_HELP, file=sys.stdout if wants_help else sys.stderr)
+            return 0 if wants_help else 2
+        print(info(rest[0]))
+        return 0
+    if command == "convert":
+        if wants_help:
+            print(CONVERT_HELP)
+            return 0
         import hydra
 
         if not (CONF / "config.yaml").is_file():
             sys.exit(f"d2dmoe convert: no configs in {CONF} (a package built without them): reinstall with pip install .")
-        sys.argv = [sys.argv[0], *convert_overrides(argv[1:])]
+        sys.argv = [sys.argv[0], *convert_overrides(["--help" if a == "--hydra-help" else a for a in rest])]
         hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(convert_job)()
         return 0
-    sys.exit(f"usage:\n{USAGE}")
+    print(HELP if command is None else f"d2dmoe: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
+    return 2
 
 
 # what users type for `d2dmoe convert`, and the config key it means

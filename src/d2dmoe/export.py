@@ -10,6 +10,11 @@
 
 `load(folder)` (or `ConvertedModel.from_pretrained`) rebuilds the module and loads the weights;
 `set_tau` / `set_budget` move the operating point at run time.
+
+A model folder is data, never code: loading reads the weights with safetensors (no unpickling),
+builds the adapter from a closed set of known classes (KNOWN_ADAPTERS) with plain arguments, and refuses,
+naming the key, a folder that names anything else, holds a `_target_` anywhere else in d2dmoe.json,
+or asks to run the model's own Python code (`trust_remote_code`) without the caller's leave.
 """
 from __future__ import annotations
 
@@ -17,11 +22,11 @@ import json
 from pathlib import Path
 
 import torch
-from hydra.utils import get_class, instantiate
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .architecture import build
+from .models import ADAPTERS, VitAdapter
 from .models.detect import resolved
 from .moe import DynamicKGate, moe_layers, set_gate, set_impl, set_layer_taus
 from .tasks import sign
@@ -30,6 +35,42 @@ CONFIG = "d2dmoe.json"
 WEIGHTS = "model.safetensors"
 FORMAT = 1
 HUB_ONLY_KEYS = ("gguf_file", "tokenizer", "weights_file")  # how the original was fetched, not what it is
+# the adapters a folder may name, under the names the model configs and model=auto give them
+KNOWN_ADAPTERS = {name: cls for cls in ADAPTERS.values()
+                  for name in (f"d2dmoe.models.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}")}
+
+
+class UnsafeFolder(ValueError):
+    """A model folder whose description would make loading run something other than the known code."""
+
+
+def targets(node, path: str = "") -> list[str]:
+    """The key paths of every `_target_` in a JSON value."""
+    if isinstance(node, dict):
+        out = []
+        for key, value in node.items():
+            out += [f"{path}{key}"] if key == "_target_" else targets(value, f"{path}{key}.")
+        return out
+    if isinstance(node, list):
+        return [t for i, v in enumerate(node) for t in targets(v, f"{path}{i}.")]
+    return []
+
+
+def safe_adapter(spec: dict, source: Path, trust_remote_code: bool):
+    """The adapter d2dmoe.json's `adapter` describes, built from KNOWN_ADAPTERS only (see the module docstring)."""
+    args = dict(spec["adapter"])
+    name = args.pop("_target_", None)
+    if name not in KNOWN_ADAPTERS:
+        raise UnsafeFolder(f"{source}: adapter._target_ is {name!r}; a converted model folder may name only "
+                           f"{sorted(KNOWN_ADAPTERS)}, and nothing in it is imported or called otherwise")
+    nested = [t for t in targets(spec) if t != "adapter._target_"]
+    if nested:
+        raise UnsafeFolder(f"{source}: {', '.join(nested)}: a converted model folder holds data only; no `_target_` "
+                           "is built from it")
+    if args.get("trust_remote_code") and not trust_remote_code:
+        raise UnsafeFolder(f"{source}: adapter.trust_remote_code is true: the model's own Python code would run. "
+                           "Load it with d2dmoe.load(path, trust_remote_code=True) only if you trust where it came from")
+    return KNOWN_ADAPTERS[name](**args)
 
 
 class ConvertedModel(nn.Module):
@@ -79,8 +120,9 @@ class ConvertedModel(nn.Module):
         return save(path, self.model, self.spec)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> ConvertedModel:
-        return load(path, device)
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False) -> ConvertedModel:
+        return load(path, device, trust_remote_code)
 
 
 def choose_tau(calibration: list[dict], budget: float, metric: str) -> dict:
@@ -121,7 +163,7 @@ def model_spec(model_cfg: dict, moe: nn.Module, num_labels: int | None, activati
                          "hidden": projections[0].num_experts * projections[0].expert_size}}}
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> ConvertedModel:
+def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> ConvertedModel:
     folder = Path(path)
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
@@ -133,10 +175,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> ConvertedModel
         raise ValueError(f"{folder / CONFIG}: not valid JSON ({err})") from err
     if spec.get("format") != FORMAT:
         raise ValueError(f"{folder / CONFIG}: format {spec.get('format')!r}; this version reads format {FORMAT}")
-    adapter_args = dict(spec["adapter"])
-    if get_class(adapter_args["_target_"]).config_in_folder:  # config.json and the tokenizer are in the folder
-        adapter_args["path"] = str(folder)
-    adapter = instantiate(adapter_args)
+    if KNOWN_ADAPTERS.get(spec.get("adapter", {}).get("_target_"), VitAdapter).config_in_folder:
+        spec = {**spec, "adapter": {**spec["adapter"], "path": str(folder)}}  # config.json and tokenizer are here
+    adapter = safe_adapter(spec, folder / CONFIG, trust_remote_code)
     model = build(adapter, spec["num_labels"], spec["experts"])  # the pipeline's architecture builder
     try:
         load_model(model, str(folder / WEIGHTS), device=str(device))
