@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from d2dmoe.job import run_job, sweep_failures
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://d2dmoe.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_job(cfg)
 

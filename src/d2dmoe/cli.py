@@ -22,14 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-def config_dir() -> Path:
-    """The repository's conf/ (a checkout, an editable install), else the copy a built package
-    carries (a plain `pip install .`: setup.py puts it in d2dmoe/conf)."""
-    repository = Path(__file__).resolve().parents[2] / "conf"
-    return repository if (repository / "config.yaml").is_file() else Path(__file__).resolve().parent / "conf"
-
-
-CONF = config_dir()
+CONF = Path(__file__).resolve().parent / "conf"  # the configs, inside the package (conf/ at the top links here)
+CONF_PACKAGE = "pkg://d2dmoe.conf"  # the same, as Hydra finds it in an installed package
 USAGE = __doc__.split("\n\n")[1]
 HELP = f"""usage:
 {USAGE}
@@ -83,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import hydra
 
-        if not (CONF / "config.yaml").is_file():
-            sys.exit(f"d2dmoe convert: no configs in {CONF} (a package built without them): reinstall with pip install .")
         sys.argv = [sys.argv[0], *convert_overrides(["--help" if a == "--hydra-help" else a for a in rest])]
-        hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")(convert_job)()
+        hydra.main(version_base="1.3", config_path=CONF_PACKAGE, config_name="config")(convert_job)()
         return 0
     print(HELP if command is None else f"d2dmoe: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
     return 2
