@@ -72,15 +72,15 @@ def test_converted_model_keeps_its_layer_taus(tmp_path):
         expected = adapter.forward(model, batch)
     loaded = d2dmoe.load(save(tmp_path / "m", model, spec))
     assert loaded.layer_taus == pytest.approx(taus) and loaded.tau is None
-    assert [m.gate.tau for m in moe_layers(loaded.model)] == pytest.approx(taus)
+    assert [m.gate.tau for m in moe_layers(loaded)] == pytest.approx(taus)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch), expected)
+        torch.testing.assert_close(loaded.run(batch), expected)
     assert loaded.set_budget(0.7) == pytest.approx(taus)  # the per-layer table: best value within 0.7
     assert loaded.set_budget(1.0) == [0.0] * layers
     loaded.set_tau(0.5)
-    assert loaded.layer_taus is None and {m.gate.tau for m in moe_layers(loaded.model)} == {0.5}
+    assert loaded.layer_taus is None and {m.gate.tau for m in moe_layers(loaded)} == {0.5}
     with pytest.raises(ValueError, match="1 taus for"):
-        ConvertedModel(model, adapter, {**spec, "layer_taus": [0.2]})
+        ConvertedModel.wrap(model, adapter, {**spec, "layer_taus": [0.2]})
 
 
 def test_profile_reads_only_the_batches_it_is_given(tmp_path):

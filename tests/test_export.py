@@ -78,14 +78,14 @@ def test_save_then_load_gives_identical_outputs(family, attention, width, tmp_pa
     loaded = d2dmoe.load(tmp_path / "m")
     assert isinstance(loaded, ConvertedModel) and loaded.tau == 0.3
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch), expected)
+        torch.testing.assert_close(loaded.run(batch), expected)
         loaded.set_tau(0.0)  # every expert: a different, larger computation
-        assert not torch.allclose(loaded(**batch), expected)
+        assert not torch.allclose(loaded.run(batch), expected)
     loaded.save_pretrained(tmp_path / "again")
     again = ConvertedModel.from_pretrained(tmp_path / "again")
     with torch.no_grad():
         again.set_tau(0.3)
-        torch.testing.assert_close(again(**batch), expected)
+        torch.testing.assert_close(again.run(batch), expected)
 
 
 @pytest.mark.parametrize("family, attention, router_kind, activation", [
@@ -108,10 +108,10 @@ def test_router_kind_and_kept_activation_survive_save_and_load(family, attention
     assert (activation == "keep") == (not any(isinstance(m.act, nn.ReLU) for m in moe_layers(model, "ffn")))
     save(tmp_path / "m", model, spec)
     loaded = d2dmoe.load(tmp_path / "m")
-    back = moe_layers(loaded.model)
+    back = moe_layers(loaded)
     assert [(m.router.kind, type(m.act)) for m in back] == [(router_kind, type(m.act)) for m in layers]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch), expected)
+        torch.testing.assert_close(loaded.run(batch), expected)
 
 
 def test_set_budget_picks_the_best_tau_within_it():
@@ -123,7 +123,7 @@ def test_set_budget_picks_the_best_tau_within_it():
     losses = [{**r, "value": 5 - r["value"]} for r in rows]
     assert choose_tau(losses, 0.5, "loss")["tau"] == 0.5
     adapter, model, spec = converted("bert", False)
-    m = ConvertedModel(model, adapter, spec)
+    m = ConvertedModel.wrap(model, adapter, spec)
     assert m.set_budget(0.4) == 1.0 and m.tau == 1.0
 
 
@@ -201,9 +201,9 @@ def test_convert_command_meets_the_budget_on_held_out_data(tmp_path):
     loaded = d2dmoe.load(out)
     assert loaded.layer_taus == spec["layer_taus"]
     ctx = pipeline.build_context(compose_config(["experiment=smoke"], artifacts_dir=tmp_path / "artifacts"))
-    ev = ctx.test(Evaluation(loaded.model, loaded.adapter, ctx.dims))
+    ev = ctx.test(Evaluation(loaded, loaded.d2dmoe_adapter, ctx.dims))
     assert (ev.value, ev.macs / ev.dense_macs) == pytest.approx((spec["measured"]["value"], spec["measured"]["rel_cost"]))
     loaded.set_tau(spec["tau"])
-    ev = ctx.test(Evaluation(loaded.model, loaded.adapter, ctx.dims))
+    ev = ctx.test(Evaluation(loaded, loaded.d2dmoe_adapter, ctx.dims))
     g = spec["global_measured"]
     assert (ev.value, ev.macs / ev.dense_macs) == pytest.approx((g["value"], g["rel_cost"]))

@@ -125,12 +125,12 @@ def check_converted_models() -> None:
 
     for family, attention in (("bert", True), ("llama", False)):
         adapter, net, spec = converted(family, attention)
-        model = ConvertedModel(net, adapter, spec)
+        model = ConvertedModel.wrap(net, adapter, spec)
         batch = batch_for("gpt2" if family == "llama" else family)
         with torch.inference_mode():
-            gathered = model(**batch)
+            gathered = model.run(batch)
             model.set_impl("fused")
-            torch.testing.assert_close(model(**batch), gathered, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model.run(batch), gathered, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_equals_masked_in_triton_interpreter():

@@ -253,7 +253,7 @@ def test_convert_a_new_architecture_end_to_end(model_type, data, tmp_path):
     assert spec["family"] == ("bert" if model_type == "roberta" else "causal_lm")
     loaded = d2dmoe.load(out)
     ctx = pipeline.build_context(compose_config(["model=auto", f"model.path={folder}", *overrides]))
-    ev = ctx.test(Evaluation(loaded.model, loaded.adapter, ctx.dims))
+    ev = ctx.test(Evaluation(loaded, loaded.d2dmoe_adapter, ctx.dims))
     measured = spec["measured"]
     assert (ev.value, ev.macs / ev.dense_macs) == pytest.approx((measured["value"], measured["rel_cost"]))
 

@@ -8,9 +8,15 @@ OmegaConf.register_new_resolver("pkgdir", package_dir, replace=True)
 
 __version__ = "0.1.0"
 
+# transformers' Auto classes load converted folders (auto.py)
+from .auto import register as _register_auto  # noqa: E402
 
-def load(path, device="cpu"):
-    """A converted model saved by `d2dmoe convert` (or `save_pretrained`), ready to run: see export.py."""
+_register_auto()
+
+
+def load(path, device="cpu", trust_remote_code=False):
+    """A converted model saved by `d2dmoe convert` (or `save_pretrained`), ready to run: its own class
+    (a transformers or timm model) with the operating point to set; see export.py."""
     from .export import load as load_folder
 
-    return load_folder(path, device)
+    return load_folder(path, device, trust_remote_code)

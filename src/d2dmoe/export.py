@@ -6,10 +6,16 @@
                           layer, router shapes, activation), the operating tau (or `layer_taus`, one
                           per MoE layer), and the calibration tables (validation rel_cost and metric
                           at each operating point) that `set_budget` reads
-      config.json, tokenizer files   (transformers families) the architecture's own config and tokenizer
+      config.json         (transformers families) a marker of model_type `d2dmoe` (auto.py): without
+                          d2dmoe, transformers refuses the folder instead of loading a dense model
+                          with random FFNs
+      base/config.json    (transformers families) the original architecture's config
+      tokenizer files     where the converted model has a tokenizer
 
-`load(folder)` (or `ConvertedModel.from_pretrained`) rebuilds the module and loads the weights;
-`set_tau` / `set_budget` move the operating point at run time.
+`load(folder)` (a hub id too; or `AutoModel*.from_pretrained(folder)` after `import d2dmoe`)
+rebuilds the model and loads the weights. What it returns is the original's class with
+ConvertedModel's methods (`D2DMoEGPT2LMHeadModel`, ...): its forward, outputs, `generate()` and
+pipelines as before, and `set_tau` / `set_budget` to move the operating point at run time.
 
 A model folder is data, never code: loading reads the weights with safetensors (no unpickling),
 builds the adapter from a closed set of known classes (KNOWN_ADAPTERS) with plain arguments, and refuses,
@@ -18,7 +24,9 @@ or asks to run the model's own Python code (`trust_remote_code`) without the cal
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -26,6 +34,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .architecture import build
+from .auto import marker
 from .models import ADAPTERS, VitAdapter
 from .models.detect import resolved
 from .moe import DynamicKGate, moe_layers, set_gate, set_impl, set_layer_taus
@@ -33,7 +42,9 @@ from .tasks import sign
 
 CONFIG = "d2dmoe.json"
 WEIGHTS = "model.safetensors"
-FORMAT = 1
+BASE = "base"  # the original architecture's config.json (transformers)
+FORMAT = 2  # 2: config.json is the d2dmoe marker, the original's in base/ (1: the original's config.json)
+READS = (1, 2)
 HUB_ONLY_KEYS = ("gguf_file", "tokenizer", "weights_file")  # how the original was fetched, not what it is
 # the adapters a folder may name, under the names the model configs and model=auto give them
 KNOWN_ADAPTERS = {name: cls for cls in ADAPTERS.values()
@@ -73,34 +84,45 @@ def safe_adapter(spec: dict, source: Path, trust_remote_code: bool):
     return KNOWN_ADAPTERS[name](**args)
 
 
-class ConvertedModel(nn.Module):
-    """A converted model ready to run: `model(**batch)` gives the logits ([B, C] or [B, T, V])."""
+class ConvertedModel:
+    """Mixed into a converted model's own class (`D2DMoE<Class>`, converted_class): the model keeps
+    the original's interface (its forward and outputs, `.config`, `generate()` for causal LMs,
+    transformers pipelines; a timm model's forward) and gains the operating point (`set_tau`,
+    `set_layer_taus`, `set_budget`), the experts' execution (`set_impl`) and a `save_pretrained`
+    that writes a converted folder. `run(batch)` gives the logits the pipeline evaluates."""
 
-    def __init__(self, model: nn.Module, adapter, spec: dict):
-        super().__init__()
-        self.model, self.adapter, self.spec = model, adapter, spec
+    d2dmoe_adapter: object  # the family's adapter (models/): how a batch runs, what the tokenizer is
+    d2dmoe_spec: dict  # d2dmoe.json: the architecture, the operating point, the calibration tables
+
+    @classmethod
+    def wrap(cls, model: nn.Module, adapter, spec: dict) -> nn.Module:
+        """`model` itself, its class now converted_class(its class), at the spec's operating point."""
+        model.__class__ = converted_class(type(model))
+        model.d2dmoe_adapter, model.d2dmoe_spec = adapter, spec
         set_impl(model, "auto")  # per layer and call, the fastest execution: never far slower than dense
         if spec.get("layer_taus"):
-            self.set_layer_taus(spec["layer_taus"])
+            model.set_layer_taus(spec["layer_taus"])
         else:
-            self.set_tau(spec["tau"])
+            model.set_tau(spec["tau"])
+        return model
 
-    def forward(self, **batch) -> torch.Tensor:
-        return self.adapter.forward(self.model, batch)
+    def run(self, batch: dict) -> torch.Tensor:
+        """The logits ([B, C] or [B, T, V]) of a batch as the data modules make it."""
+        return self.d2dmoe_adapter.forward(self, batch)
 
     def set_impl(self, impl: str) -> None:
         """How the experts execute: `auto` (the default: per layer and call, the execution timed
         fastest for the fraction of experts it runs), `gather`, `masked`, or `fused` (GPU kernel)."""
-        set_impl(self.model, impl)
+        set_impl(self, impl)
 
     def set_tau(self, tau: float) -> None:
         """Dynamic-k threshold of every MoE layer (0 runs every expert, 1 only the top one)."""
-        set_gate(self.model, DynamicKGate(float(tau)))
+        set_gate(self, DynamicKGate(float(tau)))
         self.tau, self.layer_taus = float(tau), None
 
     def set_layer_taus(self, taus: list[float]) -> None:
         """A dynamic-k threshold per MoE layer, in module order."""
-        set_layer_taus(self.model, taus)
+        set_layer_taus(self, taus)
         self.tau, self.layer_taus = None, [float(t) for t in taus]
 
     def set_budget(self, budget: float) -> float | list[float]:
@@ -108,21 +130,34 @@ class ConvertedModel(nn.Module):
         `budget` (the cheapest when none is): among the per-layer calibration when the model was
         converted with one (`convert.per_layer`), else among the global taus. Sets it and returns
         the tau, or the list of per-layer taus."""
-        if self.spec.get("layer_calibration"):
-            taus = choose_tau(self.spec["layer_calibration"], budget, self.spec["metric"])["taus"]
+        spec = self.d2dmoe_spec
+        if spec.get("layer_calibration"):
+            taus = choose_tau(spec["layer_calibration"], budget, spec["metric"])["taus"]
             self.set_layer_taus(taus)
             return taus
-        tau = choose_tau(self.spec["calibration"], budget, self.spec["metric"])["tau"]
+        tau = choose_tau(spec["calibration"], budget, spec["metric"])["tau"]
         self.set_tau(tau)
         return tau
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        return save(path, self.model, self.spec)
+    def save_pretrained(self, path: str | Path, tokenizer=None, **_) -> Path:
+        """A converted folder (see the module docstring) at the current operating point; the
+        tokenizer too where given."""
+        spec = {**self.d2dmoe_spec, "layer_taus": self.layer_taus}
+        if self.tau is not None:
+            spec["tau"] = self.tau
+        return save(path, self, spec, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        trust_remote_code: bool = False) -> ConvertedModel:
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                        **_) -> nn.Module:
         return load(path, device, trust_remote_code)
+
+
+@functools.cache
+def converted_class(cls: type) -> type:
+    """The original class with ConvertedModel's methods first, under the original's name (transformers
+    pipelines check a model's class name against the task's; isinstance(m, ConvertedModel) tells)."""
+    return type(cls.__name__, (ConvertedModel, cls), {"__module__": __name__, "__qualname__": f"D2DMoE{cls.__name__}"})
 
 
 def choose_tau(calibration: list[dict], budget: float, metric: str) -> dict:
@@ -138,8 +173,10 @@ def save(path: str | Path, model: nn.Module, spec: dict, tokenizer=None) -> Path
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / WEIGHTS))
-    if hasattr(getattr(model, "config", None), "save_pretrained"):  # transformers: the architecture's config
-        model.config.save_pretrained(folder)
+    config = getattr(model, "config", None)
+    if hasattr(config, "save_pretrained"):  # transformers: the original's config in base/, a marker as config.json
+        config.save_pretrained(folder / BASE)
+        (folder / "config.json").write_text(json.dumps(marker(config), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / CONFIG).write_text(json.dumps({"format": FORMAT, **spec}, indent=2))
@@ -163,8 +200,20 @@ def model_spec(model_cfg: dict, moe: nn.Module, num_labels: int | None, activati
                          "hidden": projections[0].num_experts * projections[0].expert_size}}}
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> ConvertedModel:
-    folder = Path(path)
+def local_folder(path: str | Path) -> Path:
+    """A local folder as it is; a hub id (`owner/name`) fetched to the hub's cache first."""
+    folder = Path(path).expanduser()
+    if not folder.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path)))
+    return folder
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
+    """The converted model in a folder (or a hub id): its own class with ConvertedModel's methods,
+    at the operating point the folder records."""
+    folder = local_folder(path)
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: no {name}; a converted model folder holds {CONFIG} and {WEIGHTS} "
@@ -173,10 +222,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code
         spec = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{folder / CONFIG}: not valid JSON ({err})") from err
-    if spec.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG}: format {spec.get('format')!r}; this version reads format {FORMAT}")
+    if spec.get("format") not in READS:
+        raise ValueError(f"{folder / CONFIG}: format {spec.get('format')!r}; this version reads formats {READS}")
     if KNOWN_ADAPTERS.get(spec.get("adapter", {}).get("_target_"), VitAdapter).config_in_folder:
-        spec = {**spec, "adapter": {**spec["adapter"], "path": str(folder)}}  # config.json and tokenizer are here
+        base = folder / BASE if spec["format"] >= 2 else folder  # format 1 kept the original's config.json beside
+        spec = {**spec, "adapter": {**spec["adapter"], "path": str(base)}}
     adapter = safe_adapter(spec, folder / CONFIG, trust_remote_code)
     model = build(adapter, spec["num_labels"], spec["experts"])  # the pipeline's architecture builder
     try:
@@ -184,4 +234,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code
     except Exception as err:
         raise ValueError(f"{folder / WEIGHTS} does not match the architecture {CONFIG} describes "
                          f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
-    return ConvertedModel(model.to(device).eval(), adapter, spec).to(device)
+    return ConvertedModel.wrap(model.to(device).eval(), adapter, spec)
