@@ -347,3 +347,20 @@ def test_real_gemma3_all_experts_equal_the_original_and_its_cost_is_counted():
         adapter.install_ffns(model)
         split_model(adapter, model, num_experts=128, router_hidden=16, n_init=1)
         torch.testing.assert_close(adapter.forward(model, batch), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_that_share_weights_are_refused(tmp_path):
+    """ALBERT runs one layer's weights at every depth: given a layout, its FFN would be placed once
+    and its converted cost counted once of the times it runs. The check stops before any compute."""
+    transformers.AlbertConfig(**SHAPE, embedding_size=16, vocab_size=VOCAB).save_pretrained(tmp_path)
+    layout = {"blocks": "albert.encoder.albert_layer_groups.0.albert_layers", "ffn": "ffn", "w1": "ffn",
+              "w2": "ffn_output", "act": "activation", "identity": ["ffn_output", "activation"]}
+    adapter = BertAdapter("albert", path=str(tmp_path), pretrained=False, attn_implementation="eager", layout=layout)
+    with pytest.raises(ValueError, match=r"1 blocks hold 1 distinct FFNs, which one forward runs \[2\] times"):
+        adapter.check_layout(LABELS)
+    electra = tmp_path / "electra"  # layers of their own: the same check passes
+    transformers.ElectraConfig(**SHAPE, embedding_size=32, vocab_size=VOCAB).save_pretrained(electra)
+    bert = LAYOUTS["bert"]
+    BertAdapter("electra", path=str(electra), pretrained=False, layout={
+        "blocks": "electra.encoder.layer", "ffn": bert.ffn, "w1": bert.w1, "w2": bert.w2, "act": bert.act,
+        "identity": list(bert.identity)}).check_layout(LABELS)

@@ -152,3 +152,36 @@ def test_image_folder_and_local_vit_weights(tmp_path):
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         if not name.startswith("head."):  # timm starts a fresh head when the class count differs from 1000
             torch.testing.assert_close(a, b, msg=name)
+
+
+def timm_folder(root, num_classes: int, model_args: dict):
+    """A fine-tuned timm model in timm's hub format: config.json (architecture, num_classes,
+    model_args) and model.safetensors, every weight unlike a fresh initialisation."""
+    import json
+
+    from safetensors.torch import save_file
+
+    source = VitAdapter("v", path="vit_tiny_patch16_224", pretrained=False, config=model_args).build(num_classes)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.rand_like(p))
+    root.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, root / "model.safetensors")
+    (root / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": num_classes,
+                                                  "model_args": model_args}))
+    return source
+
+
+def test_a_timm_folder_keeps_its_architecture_and_trained_head_or_says_why_not(tmp_path):
+    """model=auto on a fine-tuned timm folder: its model_args shape the model and every weight, the
+    3-class head included, loads exactly; data with another class count stops naming the head."""
+    from d2dmoe.models import auto
+
+    model_args = dict(CONFIG, in_chans=3)
+    source = timm_folder(tmp_path / "mine", 3, model_args)
+    adapter = auto("mine", path=str(tmp_path / "mine"))
+    loaded = adapter.build(3)
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match=r"head\.weight.*trained head with another class count"):
+        adapter.build(10)

@@ -38,6 +38,24 @@ class Dims:
     ffn_matrices: int = 2  # weight matrices per FFN: 2 (W1, W2), 3 when gated (gate, up, down)
 
 
+def ffn_runs(adapter, model: nn.Module) -> list[int]:
+    """How often one forward of a two-token sample calls each distinct FFN module of the model."""
+    ffns = list(dict.fromkeys(m for m in model.modules() if isinstance(m, FFN) and m.kind == "ffn"))
+    calls = dict.fromkeys(map(id, ffns), 0)
+
+    def count(module, args, output):
+        calls[id(module)] += 1
+
+    hooks = [f.register_forward_hook(count) for f in ffns]
+    try:
+        with torch.no_grad(), torch.device(next(model.parameters()).device):
+            adapter.forward(model.eval(), adapter.dummy_batch(2))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(calls.values())
+
+
 class Adapter:
     """A task's adapter: a transformers text classifier, a transformers causal LM, a timm image
     classifier. Each provides `dims` and `build`, and may override `tokenizer`, `forward`,
@@ -138,6 +156,22 @@ class Adapter:
             model = self.install_ffns(self.build(num_labels, weights=False))
             if attention:
                 self.projection_slots(model)
+        self.check_each_ffn_runs_once(model, num_labels)
+
+    def check_each_ffn_runs_once(self, model: nn.Module, num_labels: int | None) -> None:
+        """One forward of a short sample, counting the calls of every placed FFN: a model whose layers
+        share weights (ALBERT runs one layer 12 times) would have its converted cost counted once per
+        FFN module, so it stops here; so does a layout whose blocks are not what the forward runs."""
+        try:
+            runs = ffn_runs(self, model)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):  # a forward that reads values
+            with torch.random.fork_rng(devices=[]):
+                runs = ffn_runs(self, self.install_ffns(self.build(num_labels, weights=False)))
+        blocks = len(self.blocks(model))
+        if len(runs) != blocks or set(runs) != {1}:
+            raise ValueError(f"model class {type(model).__name__}: its {blocks} blocks hold {len(runs)} distinct FFNs, "
+                             f"which one forward runs {runs} times: layers that share weights (as ALBERT's do) "
+                             "cannot be converted with their cost counted right, and are not supported")
 
     def ffn_slots(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         """(parent, attribute) of each block's FFN, for swapping it for an MoE."""

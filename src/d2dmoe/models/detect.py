@@ -27,7 +27,9 @@ def adapter_class(path: str, trust_remote_code: bool = False) -> tuple[type[Adap
     raw = json.loads(config_file.read_text()) if config_file.is_file() else None
     if raw is not None and "architecture" in raw and "model_type" not in raw:  # a timm folder
         weights = next((Path(path) / f for f in TIMM_WEIGHTS if (Path(path) / f).is_file()), None)
-        return VitAdapter, {"path": raw["architecture"], "weights_file": str(weights) if weights else None}
+        # the folder's own model: its create_model arguments, and its weights (head included) exactly
+        return VitAdapter, {"path": raw["architecture"], "weights_file": str(weights) if weights else None,
+                            "strict_weights": True, "config": dict(raw.get("model_args") or {})}
     if raw is None:  # a hub id: transformers reads (or downloads) its config
         from transformers import AutoConfig
 
@@ -50,7 +52,14 @@ def resolved(model_cfg: dict) -> dict:
     if model_cfg.get("family") != "auto":
         return model_cfg
     cls, extra = adapter_class(model_cfg["path"], bool(model_cfg.get("trust_remote_code")))
-    return {**model_cfg, "_target_": f"{cls.__module__}.{cls.__qualname__}", "family": cls.family, **extra}
+    return {**model_cfg, "_target_": f"{cls.__module__}.{cls.__qualname__}", "family": cls.family,
+            **with_config(extra, model_cfg.get("config"))}
+
+
+def with_config(extra: dict, given: dict | None) -> dict:
+    """The arguments read from a folder, its create_model arguments under the model config's `config`
+    (whose keys win)."""
+    return {**extra, "config": {**extra.get("config", {}), **(given or {})}}
 
 
 def auto(name: str, path: str, family: str | None = None, **kwargs) -> Adapter:
@@ -58,4 +67,4 @@ def auto(name: str, path: str, family: str | None = None, **kwargs) -> Adapter:
     cls, extra = adapter_class(path, bool(kwargs.get("trust_remote_code")))
     if family not in (None, "auto", cls.family):
         raise ValueError(f"model.family={family!r}, but {path} holds a {cls.family!r} model ({cls.__name__})")
-    return cls(name, **{**kwargs, "path": path, **extra})
+    return cls(name, **{**kwargs, "path": path, **with_config(extra, kwargs.get("config"))})

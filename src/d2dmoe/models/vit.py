@@ -11,19 +11,44 @@ from ..moe import FFN
 from .base import Adapter, Dims
 
 
+def load_exactly(model: nn.Module, path: str) -> None:
+    """Every weight of a checkpoint (safetensors, or a torch file read without unpickling code) into
+    `model`, or an error naming the keys that do not fit."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    misshapen = [f"{k} {tuple(state[k].shape)} (the model's {tuple(own[k].shape)})" for k in own
+                 if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:
+        head = " A trained head with another class count than the data's cannot serve it: use the folder's " \
+               "labels, or name the architecture (a vit model config) to train a fresh head." \
+            if any(k.startswith("head") for k in [*missing, *unexpected, *[m.split()[0] for m in misshapen]]) else ""
+        raise ValueError(f"{path} does not fit the model its config builds: missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]}, other shapes {misshapen[:8]}.{head}")
+    model.load_state_dict(state, strict=True)
+
+
 class VitAdapter(Adapter):
     """timm ViTs. `path` names the timm architecture (e.g. `vit_base_patch16_224`); `config` holds
     create_model arguments (img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio);
-    `weights_file` a local checkpoint for the pretrained weights (else timm fetches them from the hub).
+    `weights_file` a local checkpoint for the pretrained weights (else timm fetches them from the hub):
+    a pretrained backbone whose head timm replaces when the class count differs, or, with
+    `strict_weights` (a timm folder read by model=auto: a fine-tuned model), the whole model, every
+    weight and the trained head loaded exactly or the load fails naming the keys.
     attn_implementation `eager` makes attention explicit matmuls (timm's non-fused path)."""
 
     family = "vit"
     default_model_type = "timm_vit"  # layouts.LAYOUTS: FFNs in blocks[i].mlp (fc1, act, fc2)
     config_in_folder = False  # timm: the architecture is the adapter's settings, no config file
 
-    def __init__(self, *args, weights_file: str | None = None, **kwargs):
+    def __init__(self, *args, weights_file: str | None = None, strict_weights: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.weights_file = weights_file
+        self.weights_file, self.strict_weights = weights_file, strict_weights
 
     def tokenizer(self, data=None):
         return None  # images
@@ -32,10 +57,13 @@ class VitAdapter(Adapter):
         import timm
 
         kwargs = dict(self.config_overrides)
-        if pretrained and self.weights_file:
+        exact = pretrained and self.weights_file and self.strict_weights
+        if pretrained and self.weights_file and not exact:
             kwargs["pretrained_cfg_overlay"] = {"file": self.weights_file}
         torch.manual_seed(0)  # a model built from a config (and a fresh head) starts the same every time
-        model = timm.create_model(self.path, pretrained=pretrained, num_classes=num_labels, **kwargs)
+        model = timm.create_model(self.path, pretrained=pretrained and not exact, num_classes=num_labels, **kwargs)
+        if exact:
+            load_exactly(model, self.weights_file)
         if self.attn_implementation == "eager":
             for block in model.blocks:
                 block.attn.fused_attn = False
