@@ -364,3 +364,13 @@ def test_layers_that_share_weights_are_refused(tmp_path):
     BertAdapter("electra", path=str(electra), pretrained=False, layout={
         "blocks": "electra.encoder.layer", "ffn": bert.ffn, "w1": bert.w1, "w2": bert.w2, "act": bert.act,
         "identity": list(bert.identity)}).check_layout(LABELS)
+
+
+def test_a_mixture_of_experts_is_refused_saying_why(tmp_path):
+    config = transformers.Qwen2MoeConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                         vocab_size=VOCAB)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"'qwen2_moe' is already a Mixture-of-Experts \(num_experts=4\)"):
+        CausalLMAdapter("moe", path=str(tmp_path), pretrained=False).dims(None)

@@ -185,3 +185,14 @@ def test_a_timm_folder_keeps_its_architecture_and_trained_head_or_says_why_not(t
         torch.testing.assert_close(a, b, msg=name)
     with pytest.raises(ValueError, match=r"head\.weight.*trained head with another class count"):
         adapter.build(10)
+
+
+@pytest.mark.parametrize("mlp_layer", ["GluMlp", "SwiGLU"])
+def test_a_gated_timm_mlp_is_refused_naming_it(mlp_layer):
+    """EVA02-style gated MLPs are not fc1 -> act -> fc2: the layout check stops, naming the class."""
+    import timm.layers
+
+    adapter = VitAdapter("v", path="vit_tiny_patch16_224", pretrained=False,
+                         config=dict(CONFIG, mlp_layer=getattr(timm.layers, mlp_layer)))
+    with pytest.raises(ValueError, match=rf"{mlp_layer} in Block: only timm's plain Mlp"):
+        adapter.check_layout(3)

@@ -38,6 +38,10 @@ class Dims:
     ffn_matrices: int = 2  # weight matrices per FFN: 2 (W1, W2), 3 when gated (gate, up, down)
 
 
+# config fields that name a model's experts (Mixtral, Qwen2-MoE, DeepSeek, OLMoE, Switch, ...)
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
 def ffn_runs(adapter, model: nn.Module) -> list[int]:
     """How often one forward of a two-token sample calls each distinct FFN module of the model."""
     ffns = list(dict.fromkeys(m for m in model.modules() if isinstance(m, FFN) and m.kind == "ffn"))
@@ -93,7 +97,12 @@ class Adapter:
         return layout_for(model_type, self.layout_override, f"model class {type(model).__name__}")
 
     def config_layout(self, config) -> Layout:
-        """The layout of a transformers config's model_type (before any model is built)."""
+        """The layout of a transformers config's model_type (before any model is built); a model
+        that is already a Mixture-of-Experts is refused."""
+        experts = next(((k, v) for k in MOE_KEYS if (v := getattr(config, k, None))), None)
+        if experts:
+            raise ValueError(f"model_type {config.model_type!r} is already a Mixture-of-Experts ({experts[0]}="
+                             f"{experts[1]}): D2DMoE converts dense FFNs into experts, and its FFNs are not dense")
         return layout_for(config.model_type, self.layout_override, f"model_type {config.model_type!r}")
 
     def ffn_width(self, config) -> int:
@@ -127,6 +136,9 @@ class Adapter:
                              f"looked for {layout}") from err
         if layout.conv1d:
             w1, w2 = conv1d_to_linear(w1), conv1d_to_linear(w2)
+        if w1.out_features != w2.in_features:  # e.g. a gated FFN whose first layer holds gate and up
+            raise ValueError(f"block class {type(block).__name__}: the layout's w1 has {w1.out_features} outputs but "
+                             f"its w2 {w2.in_features} inputs; looked for {layout} (a fused gate/up layer: gate_up)")
         ffn = FFN(w1, w2, act, up=up)
         module = nn.Sequential(ffn, *then) if then else ffn
         if layout.flat:

@@ -104,7 +104,12 @@ class VitAdapter(Adapter):
     def make_ffn(self, block: nn.Module, layout) -> FFN:
         """timm's Mlp also holds dropouts and an optional norm between the layers: only the plain form
         (no norm, dropout 0) converts exactly."""
+        from timm.layers import Mlp
+
         mlp = block.mlp
+        if type(mlp) is not Mlp:  # GluMlp, SwiGLU (EVA02), ...: a gated MLP, not fc1 -> act -> fc2
+            raise ValueError(f"{type(mlp).__name__} in {type(block).__name__}: only timm's plain Mlp (fc1, act, fc2) "
+                             "converts; gated timm MLPs are not supported")
         if not isinstance(mlp.norm, nn.Identity) or mlp.drop1.p or mlp.drop2.p:
             raise ValueError(f"{type(mlp).__name__}: only timm Mlp blocks without a hidden norm or "
                              "dropout convert exactly (set drop_rate=0)")
