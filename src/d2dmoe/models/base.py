@@ -90,6 +90,16 @@ class Adapter:
         self.layout_override = dict(layout) if layout else None
         self._cost_fits: dict[Dims, tuple[float, float, float]] = {}
 
+    def attention_for(self, config, auto: str) -> str:
+        """The attention implementation to build with: the adapter's, except that a model class
+        without torch's scaled_dot_product_attention (Gemma 2) gets the eager one it supports."""
+        import transformers
+
+        model_class = getattr(transformers, auto)._model_mapping.get(type(config), None)
+        if self.attn_implementation == "sdpa" and model_class is not None and not model_class._supports_sdpa:
+            return "eager"
+        return self.attn_implementation
+
     # -- where the FFNs are: the layout ----------------------------------------------------------
     def layout(self, model: nn.Module) -> Layout:
         """The model's layout: the model config's `layout`, else the table's for its model_type."""

@@ -18,7 +18,7 @@ class BertAdapter(Adapter):
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(self.path, num_labels=num_labels, **self.hub_kwargs, **self.config_overrides)
-        cfg._attn_implementation = self.attn_implementation
+        cfg._attn_implementation = self.attention_for(cfg, "AutoModelForSequenceClassification")
         return cfg
 
     def dims(self, num_labels: int) -> Dims:

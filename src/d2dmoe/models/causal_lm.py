@@ -64,7 +64,7 @@ class CausalLMAdapter(Adapter):
         else:
             kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
             cfg = AutoConfig.from_pretrained(self.path, **kwargs, **self.hub_kwargs, **overrides)
-        cfg._attn_implementation = self.attn_implementation
+        cfg._attn_implementation = self.attention_for(cfg, "AutoModelForCausalLM")
         return cfg
 
     def dims(self, num_labels: int | None = None) -> Dims:
