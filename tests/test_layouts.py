@@ -46,6 +46,20 @@ ARCHITECTURES = {
                                                     ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64,
                                                     word_embed_proj_dim=16)),
     "phi3": (CausalLMAdapter, transformers.Phi3Config(**LM, num_key_value_heads=2, pad_token_id=0)),
+    "electra": (BertAdapter, transformers.ElectraConfig(**SHAPE, embedding_size=32, vocab_size=VOCAB)),
+    "roformer": (BertAdapter, transformers.RoFormerConfig(**SHAPE, embedding_size=32, vocab_size=VOCAB)),
+    "mpnet": (BertAdapter, transformers.MPNetConfig(**SHAPE, vocab_size=VOCAB)),
+    "gptj": (CausalLMAdapter, transformers.GPTJConfig(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64,
+                                                      vocab_size=VOCAB, rotary_dim=4)),
+    "gpt_bigcode": (CausalLMAdapter, transformers.GPTBigCodeConfig(n_layer=2, n_embd=32, n_head=4, n_inner=64,
+                                                                   n_positions=64, vocab_size=VOCAB)),
+    "falcon": (CausalLMAdapter, transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                          ffn_hidden_size=64, vocab_size=VOCAB,
+                                                          multi_query=False)),  # MHA: the analytic formula's
+    "phi": (CausalLMAdapter, transformers.PhiConfig(**LM)),
+    "olmo2": (CausalLMAdapter, transformers.Olmo2Config(**LM, num_key_value_heads=2)),
+    "stablelm": (CausalLMAdapter, transformers.StableLmConfig(**LM, num_key_value_heads=2)),
+    "granite": (CausalLMAdapter, transformers.GraniteConfig(**LM, num_key_value_heads=2)),
 }
 TRANSFORMERS_LAYOUTS = sorted(set(LAYOUTS) - {"timm_vit"})
 
@@ -125,18 +139,18 @@ def test_attention_projections_are_found_and_cut_exactly(model_type, tmp_path):
 
 
 def test_an_unknown_architecture_names_the_class_and_how_to_add_a_layout(tmp_path):
-    transformers.ElectraConfig(**SHAPE, embedding_size=32, vocab_size=VOCAB).save_pretrained(tmp_path)
-    adapter = BertAdapter("electra", path=str(tmp_path), pretrained=False)
-    with pytest.raises(ValueError, match=r"model_type 'electra'.*layouts exist for.*model.layout="):
+    transformers.SqueezeBertConfig(**SHAPE, embedding_size=32, vocab_size=VOCAB).save_pretrained(tmp_path)
+    adapter = BertAdapter("squeezebert", path=str(tmp_path), pretrained=False)
+    with pytest.raises(ValueError, match=r"model_type 'squeezebert'.*layouts exist for.*model.layout="):
         adapter.dims(LABELS)
     model = transformers.AutoModelForSequenceClassification.from_config(
         transformers.AutoConfig.from_pretrained(tmp_path, num_labels=LABELS))
-    with pytest.raises(ValueError, match=r"ElectraForSequenceClassification: no FFN layout for model_type 'electra'"):
+    with pytest.raises(ValueError, match=r"SqueezeBertForSequenceClassification: no FFN layout for model_type 'squeezebert'"):
         adapter.install_ffns(model)
 
 
 def test_a_layout_from_the_model_config(tmp_path):
-    """ELECTRA is not in the table; given its layout in the config (BERT's, under `electra`), it
+    """ELECTRA's layout given in the config (BERT's, under `electra`; the table's is the same) wins, it
     converts exactly and its cost stays exact. A wrong path names the block and the layout."""
     transformers.ElectraConfig(**SHAPE, embedding_size=32, vocab_size=VOCAB).save_pretrained(tmp_path)
     bert = LAYOUTS["bert"]
@@ -189,10 +203,10 @@ def test_auto_reads_a_timm_folder_and_refuses_what_it_cannot_tell(tmp_path):
     vit = auto("mine", path=str(tmp_path))
     assert isinstance(vit, VitAdapter) and vit.path == "vit_tiny_patch16_224"
     assert vit.weights_file == str(tmp_path / "model.safetensors")
-    electra = tmp_path / "electra"
-    transformers.ElectraConfig(**SHAPE, vocab_size=VOCAB).save_pretrained(electra)
-    with pytest.raises(ValueError, match=r"cannot tell the task.*model_type 'electra'.*set model.family"):
-        auto("mine", path=str(electra))
+    unknown = tmp_path / "squeezebert"
+    transformers.SqueezeBertConfig(**SHAPE, vocab_size=VOCAB).save_pretrained(unknown)
+    with pytest.raises(ValueError, match=r"cannot tell the task.*model_type 'squeezebert'.*set model.family"):
+        auto("mine", path=str(unknown))
     with pytest.raises(ValueError, match=r"model.family='vit', but .* holds a 'causal_lm' model"):
         auto("mine", path=config_folder(tmp_path / "neox", "gpt_neox", None), family="vit")
 
