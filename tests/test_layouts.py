@@ -49,6 +49,9 @@ ARCHITECTURES = {
     "electra": (BertAdapter, transformers.ElectraConfig(**SHAPE, embedding_size=32, vocab_size=VOCAB)),
     "roformer": (BertAdapter, transformers.RoFormerConfig(**SHAPE, embedding_size=32, vocab_size=VOCAB)),
     "mpnet": (BertAdapter, transformers.MPNetConfig(**SHAPE, vocab_size=VOCAB)),
+    # relative attention on: the parameters it hands to modules are what FlopCounterMode's tracker tripped on
+    "deberta-v2": (BertAdapter, transformers.DebertaV2Config(**SHAPE, vocab_size=VOCAB, relative_attention=True,
+                                                             pos_att_type=["p2c", "c2p"], max_relative_positions=16)),
     "gptj": (CausalLMAdapter, transformers.GPTJConfig(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=64,
                                                       vocab_size=VOCAB, rotary_dim=4)),
     "gpt_bigcode": (CausalLMAdapter, transformers.GPTBigCodeConfig(n_layer=2, n_embd=32, n_head=4, n_inner=64,
@@ -300,7 +303,9 @@ def test_timm_vit_and_distilled_deit(architecture):
         torch.testing.assert_close(adapter.forward(own, batch), reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+# DeBERTa's disentangled attention has no hand-written formula here: its count is checked against
+# FlopCounterMode alone (test_dense_and_converted_macs_match_flop_counter)
+@pytest.mark.parametrize("model_type", sorted(set(ARCHITECTURES) - {"deberta-v2"}))
 def test_measured_fixed_cost_equals_the_analytic_formula(model_type, tmp_path):
     """The measured non-FFN cost (models/measure.py) against the hand-written formulas of BERT and the
     causal LMs; OPT's embedding projections (16 <-> 32 wide) are what its formula leaves out."""

@@ -17,7 +17,7 @@ from .vit import VitAdapter
 
 HEADS = {"ForSequenceClassification": BertAdapter, "ForCausalLM": CausalLMAdapter, "LMHeadModel": CausalLMAdapter}
 # without a task head in `architectures` (BertModel, GPT2Model, ...), the table's encoders are classified
-ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "roformer", "mpnet"})
+ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "roformer", "mpnet", "deberta-v2"})
 TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 

@@ -74,6 +74,8 @@ LAYOUTS: dict[str, Layout] = {
     "electra": Layout(blocks="electra.encoder.layer", **_BERT),
     "roformer": Layout(blocks="roformer.encoder.layer", **_BERT),
     "mpnet": Layout(blocks="mpnet.encoder.layer", **{**_BERT, "projections": None}),  # its attention: q, k, v, o
+    # DeBERTa-v2/v3: BERT's FFN; its disentangled relative attention is left as it is
+    "deberta-v2": Layout(blocks="deberta.encoder.layer", **{**_BERT, "projections": None}),
     "distilbert": Layout(blocks="distilbert.transformer.layer", ffn="ffn", w1="ffn.lin1", w2="ffn.lin2",
                          act="ffn.activation", then=("dropout",), d_ff="hidden_dim",
                          projections=("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin")),

@@ -31,6 +31,9 @@ def non_ffn_macs(adapter, dims, lengths: list[int], device: str) -> list[int]:
     """Counted MACs of one sample of each token count in `lengths`, less its FFNs."""
     with torch.random.fork_rng(devices=[]), torch.device(device):  # building seeds torch: keep the caller's stream
         model = adapter.build(dims.num_labels if adapter.task.head_from_labels else None, weights=False).eval()
+        # no parameter asks for gradients: FlopCounterMode's module tracker hooks the gradients of module
+        # inputs, and fails on a parameter handed to a module (DeBERTa's relative embeddings, CaiT)
+        model.requires_grad_(False)
         batches = [adapter.dummy_batch(t) for t in lengths]
     ffn = dims.layers * dims.ffn_matrices * dims.d * dims.d_ff
     return [counted_macs(adapter, model, b) - t * ffn for t, b in zip(lengths, batches)]
