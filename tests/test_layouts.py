@@ -393,3 +393,9 @@ def test_a_mixture_of_experts_is_refused_saying_why(tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"'qwen2_moe' is already a Mixture-of-Experts \(num_experts=4\)"):
         CausalLMAdapter("moe", path=str(tmp_path), pretrained=False).dims(None)
+
+
+def test_a_timm_model_of_another_layout_is_refused():
+    """CaiT's blocks see the patches without the class token: counted as a ViT its cost would be wrong."""
+    with pytest.raises(ValueError, match=r"a timm Cait; the vit family converts timm's VisionTransformer"):
+        VitAdapter("c", path="cait_xxs24_224", pretrained=False, config=TIMM).dims(3)

@@ -72,8 +72,14 @@ class VitAdapter(Adapter):
     @cached_property
     def shape(self) -> dict:
         """What the cost needs from the architecture, read from a model built on the meta device."""
+        from timm.models.vision_transformer import VisionTransformer
+
         with torch.device("meta"):
             m = self.create(1, pretrained=False)
+        if not isinstance(m, VisionTransformer):  # CaiT's blocks see the patches without the class token, ...
+            raise ValueError(f"model.path={self.path}: a timm {type(m).__name__}; the vit family converts timm's "
+                             "VisionTransformer and its subclasses (ViT, DeiT, distilled DeiT), whose blocks all see "
+                             "every patch and prefix token: the cost of another layout would be counted wrong")
         conv = m.patch_embed.proj
         mlp = m.blocks[0].mlp
         return {"layers": len(m.blocks), "d": m.embed_dim, "d_ff": mlp.fc1.out_features,
