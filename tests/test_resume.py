@@ -107,3 +107,42 @@ def test_a_run_interrupted_in_a_phase_resumes_it_to_the_same_weights(phase, whol
     assert resumed.keys() == expected.keys()
     for k in expected:
         assert torch.equal(resumed[k], expected[k]), f"{phase}: {k} differs from the uninterrupted run's"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a pickle"])
+def test_an_unreadable_checkpoint_is_moved_aside_and_the_phase_starts_again(damage, whole, tmp_path, monkeypatch,
+                                                                           caplog):
+    """sparsify's resume checkpoint cut short (a full disk) or replaced by a pickle weights_only
+    refuses: the run says which file, moves it aside, and trains the phase from its start, to the
+    weights of the uninterrupted run."""
+    root, done = whole
+    cfg = config(tmp_path / "artifacts", root / "cache")
+    art = pipeline.artifacts(cfg)["sparsify"]
+    for up in art.ancestors():
+        shutil.copytree(done[up.phase].dir, up.dir)
+    make_callbacks = pipeline.resume_callbacks
+
+    def run_with(callback: Callback) -> None:
+        monkeypatch.setattr(pipeline, "resume_callbacks", lambda work_dir, every: [*make_callbacks(work_dir, every),
+                                                                                   callback])
+        pipeline.convert(cfg)
+
+    with pytest.raises(Interrupted):
+        run_with(InterruptAt("sparsify", STOP))
+    checkpoint = art.work_dir / LAST
+    if damage == "cut short":
+        checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 3])
+    else:
+        import pickle
+
+        checkpoint.write_bytes(pickle.dumps(Interrupted("not a checkpoint")))
+    caplog.set_level(logging.INFO, logger="d2dmoe")
+    try:
+        run_with(StopAfter("sparsify"))
+    except PhaseSaved:
+        pass
+    assert f"{checkpoint} cannot be read" in caplog.text and "the phase starts again from its beginning" in caplog.text
+    assert "resuming sparsify" not in caplog.text and art.exists()
+    assert [p.name for p in (tmp_path / "artifacts" / ".stale").iterdir()][0].startswith(f"{art.key}-{LAST}")
+    resumed, expected = weights(art), weights(done["sparsify"])
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)

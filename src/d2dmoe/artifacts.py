@@ -8,6 +8,10 @@ Names come from configs, not from weights, so an artifact also records which ups
 was made from (`lineage.json`: its own id and theirs). One whose upstream on disk has been made
 again since (a deleted dense model retrained, say) is stale: it is set aside under `.stale/` and
 made again, never silently combined with the new upstream.
+
+Each artifact also records the SHA-256 of its files (`checksums.json`). One whose files no longer
+match, whose JSON cannot be read, or whose weights cannot be loaded is set aside the same way and
+made again, with a warning naming the file: bytes written over the weights never reach a result.
 """
 from __future__ import annotations
 
@@ -32,6 +36,16 @@ WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
 INFO = "info.json"
 LINEAGE = "lineage.json"
+CHECKSUMS = "checksums.json"
+CHECKED = (WEIGHTS, SPEC, INFO, LINEAGE)  # the files checksums.json covers
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def canonical(value):
@@ -74,9 +88,29 @@ class Artifact:
 
     def lineage(self) -> dict:
         """{"id": this artifact's, "made_from": {ancestor key: its id then}}; empty for one saved before
-        lineage was recorded."""
+        lineage was recorded, or whose lineage cannot be read (corruption() says so)."""
         path = self.dir / LINEAGE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+
+    def corruption(self) -> str | None:
+        """What is wrong with the saved files, or None: a file that differs from its checksum, a JSON
+        file that cannot be read. Artifacts saved before checksums were recorded get the JSON check."""
+        sums = self.dir / CHECKSUMS
+        try:
+            for name in (SPEC, INFO, LINEAGE, *([CHECKSUMS] if sums.is_file() else [])):
+                if (self.dir / name).is_file():
+                    json.loads((self.dir / name).read_text())
+            expected = json.loads(sums.read_text()) if sums.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return f"{self.dir / name} cannot be read ({err})"
+        for name, digest in expected.items():
+            path = self.dir / name
+            if not path.is_file() or sha256(path) != digest:
+                return f"{path} is not the file that was saved (its SHA-256 differs)"
+        return None
 
     def stale_reason(self) -> str | None:
         """Why the saved artifact cannot come from the ancestors now on disk, or None. An ancestor
@@ -92,7 +126,7 @@ class Artifact:
         dest = self.dir.parent / ".stale" / f"{self.key}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.dir, dest)
-        log.warning("%s is stale (%s): moved to %s, making it again", self.dir, reason, dest)
+        log.warning("%s cannot be used (%s): moved to %s, making it again", self.dir, reason, dest)
 
     @property
     def work_dir(self) -> Path:
@@ -109,6 +143,7 @@ class Artifact:
         (tmp / INFO).write_text(json.dumps(info or {}, indent=2))
         made_from = {art.key: art.lineage().get("id") for art in self.ancestors() if art.exists()}
         (tmp / LINEAGE).write_text(json.dumps({"id": uuid.uuid4().hex, "made_from": made_from}, indent=2))
+        (tmp / CHECKSUMS).write_text(json.dumps({name: sha256(tmp / name) for name in CHECKED}, indent=2))
         try:
             os.rename(tmp, self.dir)
         except OSError:  # another job wrote the same artifact first; both are equal, keep theirs
@@ -120,7 +155,7 @@ class Artifact:
             load_model(model, str(self.dir / WEIGHTS))
         except Exception as err:  # truncated file, or weights of another shape than the config gives
             raise CorruptArtifact(f"{self.dir}: cannot be loaded into the model this config builds "
-                                  f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); delete the folder to make it again") from err
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
         return model
 
     def obtain(self, load: Callable[[], torch.nn.Module],
@@ -129,9 +164,12 @@ class Artifact:
         A job that finds the lock taken waits, then loads what the holder saved. Locks are taken
         downstream first (routers, then split, ...), always in that order: no deadlock. A stale
         artifact (see `stale_reason`) is set aside, under the lock, and made again."""
-        if self.exists() and self.stale_reason() is None:
+        if self.exists() and self.corruption() is None and self.stale_reason() is None:
             log.info("reusing %s", self.dir)
-            return load()
+            try:
+                return load()
+            except CorruptArtifact:  # weights that no longer load: set aside and made again below
+                pass
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.dir.with_name(f".{self.key}.lock"))
         try:
@@ -141,10 +179,13 @@ class Artifact:
             lock.acquire()
         try:
             if self.exists():
-                reason = self.stale_reason()
+                reason = self.corruption() or self.stale_reason()
                 if reason is None:  # made by the job we waited for
                     log.info("reusing %s", self.dir)
-                    return load()
+                    try:
+                        return load()
+                    except CorruptArtifact as err:
+                        reason = str(err)
                 self.set_aside(reason)
             model, info = make()
             self.save(model, info)

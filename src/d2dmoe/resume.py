@@ -2,15 +2,22 @@
 into `<artifacts_dir>/.work/<artifact key>/last.ckpt` (written to a temporary file and moved into
 place), holding the weights, optimizer, schedule and loop state, where training is in the data
 (`SplitData.state_dict`) and torch's random state (`RngState`). The same command started again
-continues from there, to the same result; the folder goes once the phase's artifact is saved."""
+continues from there, to the same result; the folder goes once the phase's artifact is saved. A
+checkpoint that cannot be read (cut short by a full disk, written over, or holding a pickle that
+`weights_only` refuses) is moved to `<artifacts_dir>/.stale/` with a warning naming it, and the
+phase starts again."""
 from __future__ import annotations
 
+import logging
+import os
+import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 LAST = "last.ckpt"
+log = logging.getLogger(__name__)
 
 
 class RngState(Callback):
@@ -35,5 +42,18 @@ def resume_callbacks(work_dir: Path, every: int) -> list[Callback]:
 
 
 def last_checkpoint(work_dir: Path) -> str | None:
+    """The checkpoint to resume from, read once to check it (tensors memory-mapped, no code
+    unpickled); None when there is none, or when it was unreadable and has been moved aside."""
     path = work_dir / LAST
-    return str(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a truncated zip, bytes written over it, a pickle weights_only refuses
+        aside = work_dir.parent.parent / ".stale" / f"{work_dir.name}-{LAST}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside.parent.mkdir(parents=True, exist_ok=True)  # <artifacts_dir>/.stale, beside the artifacts set aside
+        os.replace(path, aside)
+        log.warning("%s cannot be read (%s: %s): moved to %s; the phase starts again from its beginning", path,
+                    type(err).__name__, " ".join(str(err).split())[:200], aside)
+        return None
+    return str(path)
