@@ -377,6 +377,44 @@ def test_batches_shard_across_ranks(monkeypatch):
     assert len(seen) == len(set(seen))
 
 
+def test_evaluation_batches_go_to_the_ranks_each_once(monkeypatch):
+    """Evaluation leaves no batch out: the ranks' shares, reduced, are the whole split."""
+    from d2dmoe import data
+
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(data, "rank_and_world", lambda rank=rank: (3, rank))
+        sampler = data.LengthGroupedBatches(list(range(50)), batch_size=4, shuffle=False)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == (5 if rank == 0 else 4)  # 13 batches over 3 ranks
+        seen += [i for b in batches for i in b]
+    assert sorted(seen) == list(range(50))
+
+
+def validate(cfg, devices: int) -> dict:
+    """The dense phase's module validated on the smoke data, on `devices` CPU processes."""
+    import lightning as L
+
+    from d2dmoe.phases.finetune import TaskTraining
+
+    ctx = pipeline.build_context(cfg)
+    module = TaskTraining(ctx.adapter.build(ctx.dims.num_labels), ctx.adapter, lr=1e-3)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                        use_distributed_sampler=False,  # the batch samplers shard themselves (conf/trainer/ddp.yaml)
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return trainer.validate(module, datamodule=ctx.data, verbose=False)[0]
+
+
+def test_validation_under_ddp_is_what_one_process_measures(tmp_path):
+    """Two gloo processes, each validating its share of the batches: the logged metric and loss (what
+    early stopping reads) equal one process's on the whole split."""
+    cfg = compose_config(["experiment=smoke", "data.limit_eval=37", "data.eval_batch_size=8"],
+                         artifacts_dir=tmp_path)
+    one, two = validate(cfg, 1), validate(cfg, 2)
+    assert two["val/accuracy"] == pytest.approx(one["val/accuracy"], abs=1e-6)
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"), ("submitit_slurm", "SlurmLauncher"),
                                               ("submitit_local", "LocalLauncher")])
 def test_cluster_launchers_compose(launcher, target):

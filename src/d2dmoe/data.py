@@ -153,8 +153,10 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         batches = -(-len(self.lengths) // self.batch_size)
-        world, _ = rank_and_world()
-        return batches // world if world > 1 else batches
+        world, rank = rank_and_world()
+        if world == 1:
+            return batches
+        return batches // world if self.shuffle else len(range(rank, batches, world))
 
     def __iter__(self):
         n = len(self.lengths)
@@ -171,8 +173,9 @@ class LengthGroupedBatches(Sampler[list[int]]):
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
         world, rank = rank_and_world()
-        if world > 1:  # data-parallel: every rank the same number of batches, each its own
-            batches = batches[:len(batches) - len(batches) % world][rank::world]
+        if world > 1:  # data-parallel: each rank its own batches; in training every rank the same number
+            # (the remainder left out), in evaluation every batch once (the sums are reduced afterwards)
+            batches = (batches[:len(batches) - len(batches) % world] if self.shuffle else batches)[rank::world]
         return iter([b.tolist() for b in batches[skip:]])
 
 

@@ -63,10 +63,14 @@ class TaskTraining(L.LightningModule):
             self.log("val/zero_fraction", zeros, batch_size=len(mask))
 
     def on_validation_epoch_end(self) -> None:
-        # the metric over the whole split (token-weighted for language models), not a mean of batches
-        self.log(f"val/{self.task.metric}", self.val_sum / max(self.val_count, 1), prog_bar=True)
+        # the metric over the whole split (token-weighted for language models), not a mean of batches;
+        # data-parallel, each process saw its share of the batches: their sums are added first, so every
+        # process logs (and early stopping reads) what one process would on the whole split
+        sums = torch.tensor([self.val_sum, self.val_count, self.val_loss_sum], dtype=torch.float64, device=self.device)
+        total, count, loss = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        self.log(f"val/{self.task.metric}", total / max(count, 1), prog_bar=True)
         if self.task.metric != "loss":
-            self.log("val/loss", self.val_loss_sum / max(self.val_count, 1))
+            self.log("val/loss", loss / max(count, 1))
 
     def configure_optimizers(self):
         params = self.model.parameters()
