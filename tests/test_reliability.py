@@ -363,32 +363,20 @@ def test_ddp_and_fsdp_train_sparsify_and_routers_on_two_cpu_processes(tmp_path):
             torch.testing.assert_close(fsdp[phase][k], ddp[phase][k], rtol=1e-4, atol=1e-5, msg=f"{phase}: {k}")
 
 
-def test_batches_shard_across_ranks(monkeypatch):
-    """Under data parallelism each rank gets its own batches, as many as every other rank."""
+@pytest.mark.parametrize("shuffle, per_rank", [(True, [4, 4, 4]), (False, [5, 4, 4])])
+def test_batches_shard_across_ranks(shuffle, per_rank, monkeypatch):
+    """Under data parallelism each rank gets its own batches: in training as many as every other rank
+    (the remainder left out), in evaluation every batch once (their sums are reduced afterwards)."""
     from d2dmoe import data
 
     seen = []
     for rank in range(3):
         monkeypatch.setattr(data, "rank_and_world", lambda rank=rank: (3, rank))
-        sampler = data.LengthGroupedBatches(list(range(50)), batch_size=4, shuffle=True)
+        sampler = data.LengthGroupedBatches(list(range(50)), batch_size=4, shuffle=shuffle)  # 13 batches
         batches = list(sampler)
-        assert len(batches) == len(sampler) == 13 // 3
+        assert len(batches) == len(sampler) == per_rank[rank]
         seen += [i for b in batches for i in b]
-    assert len(seen) == len(set(seen))
-
-
-def test_evaluation_batches_go_to_the_ranks_each_once(monkeypatch):
-    """Evaluation leaves no batch out: the ranks' shares, reduced, are the whole split."""
-    from d2dmoe import data
-
-    seen = []
-    for rank in range(3):
-        monkeypatch.setattr(data, "rank_and_world", lambda rank=rank: (3, rank))
-        sampler = data.LengthGroupedBatches(list(range(50)), batch_size=4, shuffle=False)
-        batches = list(sampler)
-        assert len(batches) == len(sampler) == (5 if rank == 0 else 4)  # 13 batches over 3 ranks
-        seen += [i for b in batches for i in b]
-    assert sorted(seen) == list(range(50))
+    assert len(seen) == len(set(seen)) and (shuffle or sorted(seen) == list(range(50)))
 
 
 def validate(cfg, devices: int) -> dict:

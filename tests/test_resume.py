@@ -69,14 +69,13 @@ def whole(tmp_path_factory):
     return root, pipeline.artifacts(cfg)
 
 
-@pytest.mark.parametrize("phase", ["dense", "attention", "sparsify", "routers"])
-def test_a_run_interrupted_in_a_phase_resumes_it_to_the_same_weights(phase, whole, tmp_path, monkeypatch, caplog):
+def interruptible(phase: str, whole, tmp_path, monkeypatch):
+    """(the phase's artifact, run_with(callback)): its upstream copied from the uninterrupted run, so
+    that only this phase trains; run_with runs the config with one more Trainer callback."""
     root, done = whole
     cfg = config(tmp_path / "artifacts", root / "cache")
-    arts = pipeline.artifacts(cfg)
-    art = arts[phase]
-    upstream = art.ancestors()
-    for up in upstream:  # made by the uninterrupted run: only this phase trains here
+    art = pipeline.artifacts(cfg)[phase]
+    for up in art.ancestors():
         shutil.copytree(done[up.phase].dir, up.dir)
     make_callbacks = pipeline.resume_callbacks
 
@@ -85,6 +84,14 @@ def test_a_run_interrupted_in_a_phase_resumes_it_to_the_same_weights(phase, whol
                                                                                    callback])
         pipeline.convert(cfg)
 
+    return art, run_with
+
+
+@pytest.mark.parametrize("phase", ["dense", "attention", "sparsify", "routers"])
+def test_a_run_interrupted_in_a_phase_resumes_it_to_the_same_weights(phase, whole, tmp_path, monkeypatch, caplog):
+    done = whole[1]
+    art, run_with = interruptible(phase, whole, tmp_path, monkeypatch)
+    upstream = art.ancestors()
     with pytest.raises(Interrupted):
         run_with(InterruptAt(phase, STOP))
     assert (art.work_dir / LAST).is_file() and not art.exists()
@@ -115,18 +122,8 @@ def test_an_unreadable_checkpoint_is_moved_aside_and_the_phase_starts_again(dama
     """sparsify's resume checkpoint cut short (a full disk) or replaced by a pickle weights_only
     refuses: the run says which file, moves it aside, and trains the phase from its start, to the
     weights of the uninterrupted run."""
-    root, done = whole
-    cfg = config(tmp_path / "artifacts", root / "cache")
-    art = pipeline.artifacts(cfg)["sparsify"]
-    for up in art.ancestors():
-        shutil.copytree(done[up.phase].dir, up.dir)
-    make_callbacks = pipeline.resume_callbacks
-
-    def run_with(callback: Callback) -> None:
-        monkeypatch.setattr(pipeline, "resume_callbacks", lambda work_dir, every: [*make_callbacks(work_dir, every),
-                                                                                   callback])
-        pipeline.convert(cfg)
-
+    done = whole[1]
+    art, run_with = interruptible("sparsify", whole, tmp_path, monkeypatch)
     with pytest.raises(Interrupted):
         run_with(InterruptAt("sparsify", STOP))
     checkpoint = art.work_dir / LAST
