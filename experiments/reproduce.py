@@ -38,6 +38,7 @@ class Step:
     name: str  # the output files' stem in figures/
     argv: tuple[str, ...]  # the script and its arguments; "{data}" stands for the data folders present
     data: tuple[str, ...] = ()  # folders under figures/data it reads (made when at least one is there)
+    also: tuple[str, ...] = ()  # folders it reads too where they are there (runs another figure's sweep made)
     inputs: tuple[str, ...] = ()  # committed files it reads (made when all are there)
     outputs: tuple[str, ...] = (".png", ".pdf", ".json")
 
@@ -46,6 +47,11 @@ STEPS = (
     # the main figure: one panel per family whose sweep is committed
     Step("fig_main_default", ("experiments/fig_main.py", "--name", "fig_main_default", "--results", "{data}"),
          data=("fig_main_bbc", "fig_main_carer", "fig_main_gpt2", "fig_main_vit")),
+    # the ablations, each from its own sweep; the phase-by-phase one also takes MoEfication and D2DMoE
+    # from the default's panel where it is committed
+    *(Step(f"fig_ablation_{name}", ("experiments/fig_ablations.py", name, "--results", "{data}"),
+           data=(f"fig_ablation_{name}",), also=("fig_main_bbc",) if name == "phases" else ())
+      for name in ("phases", "alpha", "expert_size", "activation", "attention")),
     Step("fig_wallclock", ("experiments/fig_wallclock.py",), inputs=("benchmark/bench_wallclock.json",),
          outputs=(".png", ".pdf")),
     *(Step(f"fig_wallclock_cuda_fused_{dtype}", ("experiments/fig_wallclock.py", "--input", f"benchmark/bench_wallclock_cuda_fused_{dtype}.json",
@@ -60,7 +66,9 @@ def present(step: Step, root: Path) -> list[str] | None:
     if not all((root / f).exists() for f in step.inputs):
         return None
     folders = [f"{DATA}/{d}" for d in step.data if (root / DATA / d).is_dir()]
-    return folders if folders or not step.data else None
+    if step.data and not folders:
+        return None
+    return folders + [f"{DATA}/{d}" for d in step.also if (root / DATA / d).is_dir()]
 
 
 def pending(root: Path = ROOT) -> list[Step]:
