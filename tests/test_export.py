@@ -140,8 +140,10 @@ def test_broken_folders_give_clear_errors(tmp_path):
     s = json.loads((mismatched / CONFIG).read_text())
     s["experts"]["num_experts"] = 4
     (mismatched / CONFIG).write_text(json.dumps(s))
-    with pytest.raises(ValueError, match=f"{WEIGHTS} does not match the architecture {CONFIG} describes"):
-        d2dmoe.load(mismatched)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} does not match the architecture {CONFIG} describes: "
+                                         r"bert\.encoder\.layer\.0\.intermediate\.w1 \(8, 8, 32\) in the file, "
+                                         r"\(4, 16, 32\) in the model"):
+        d2dmoe.load(mismatched)  # the file's tensors named, with both shapes
     (mismatched / CONFIG).write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         d2dmoe.load(mismatched)

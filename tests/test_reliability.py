@@ -173,6 +173,33 @@ def test_out_of_memory_names_the_batch_sizes(smoke_cfg, monkeypatch):
         pipeline.run(smoke_cfg)
 
 
+class Killed(BaseException):
+    """What a kill leaves: the process stops where it is, nothing after runs."""
+
+
+def test_a_kill_during_an_artifacts_write_loses_only_that_phase(tmp_path, monkeypatch):
+    """Killed between writing sparsify's folder under its temporary name and the rename into place: the
+    same command again reuses dense, makes sparsify again and gives the points of an uninterrupted run."""
+    import os
+
+    clean = pipeline.run(compose_config(["experiment=smoke"], artifacts_dir=tmp_path / "clean")).points
+    cfg = compose_config(["experiment=smoke"], artifacts_dir=tmp_path / "killed")
+    rename = os.rename
+
+    def killed_at_sparsify(src, dst):
+        if "sparsify-" in str(dst):
+            raise Killed(dst)
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_at_sparsify)
+    with pytest.raises(Killed):
+        pipeline.run(cfg)
+    monkeypatch.undo()
+    arts = pipeline.artifacts(cfg)
+    assert arts["dense"].exists() and not arts["sparsify"].exists()
+    assert pipeline.run(cfg).points == clean
+
+
 def test_a_mismatched_artifact_is_named(tmp_path):
     from d2dmoe.artifacts import Artifact, CorruptArtifact
 

@@ -200,6 +200,23 @@ def model_spec(model_cfg: dict, moe: nn.Module, num_labels: int | None, activati
                          "hidden": projections[0].num_experts * projections[0].expert_size}}}
 
 
+def mismatch(model: nn.Module, weights: Path) -> str:
+    """Which tensors of a weights file do not fit the model: missing, unexpected, or of another shape
+    ('' when the file cannot be read at all)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:
+        return ""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    said = [f"{k} {saved[k]} in the file, {own[k]} in the model" for k in own if k in saved and saved[k] != own[k]]
+    said += [f"{k} missing from the file" for k in own if k not in saved]
+    said += [f"{k} in the file, not in the model" for k in saved if k not in own]
+    return "; ".join(said[:6]) + (f"; and {len(said) - 6} more" if len(said) > 6 else "")
+
+
 def local_folder(path: str | Path) -> Path:
     """A local folder as it is; a hub id (`owner/name`) fetched to the hub's cache first."""
     folder = Path(path).expanduser()
@@ -232,6 +249,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", trust_remote_code
     try:
         load_model(model, str(folder / WEIGHTS), device=str(device))
     except Exception as err:
-        raise ValueError(f"{folder / WEIGHTS} does not match the architecture {CONFIG} describes "
-                         f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
+        raise ValueError(f"{folder / WEIGHTS} does not match the architecture {CONFIG} describes: "
+                         f"{mismatch(model, folder / WEIGHTS) or ' '.join(str(err).split())[:300]}") from err
     return ConvertedModel.wrap(model.to(device).eval(), adapter, spec)
