@@ -164,7 +164,11 @@ def test_out_of_memory_names_the_batch_sizes(smoke_cfg, monkeypatch):
     from d2dmoe.models import BertAdapter
     from d2dmoe.phases.guard import BatchTooLarge
 
-    def too_big(self, model, batch):
+    forward = BertAdapter.forward
+
+    def too_big(self, model, batch):  # the one-sample check of the layout still fits
+        if len(batch["input_ids"]) == 1:
+            return forward(self, model, batch)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(BertAdapter, "forward", too_big)
@@ -390,16 +394,16 @@ def test_ddp_and_fsdp_train_sparsify_and_routers_on_two_cpu_processes(tmp_path):
             torch.testing.assert_close(fsdp[phase][k], ddp[phase][k], rtol=1e-4, atol=1e-5, msg=f"{phase}: {k}")
 
 
-@pytest.mark.parametrize("shuffle, per_rank", [(True, [4, 4, 4]), (False, [5, 4, 4])])
+@pytest.mark.parametrize("shuffle, per_rank", [(True, [4, 4, 4]), (False, [5, 5, 4])])
 def test_batches_shard_across_ranks(shuffle, per_rank, monkeypatch):
     """Under data parallelism each rank gets its own batches: in training as many as every other rank
-    (the remainder left out), in evaluation every batch once (their sums are reduced afterwards)."""
+    (the remainder left out), in evaluation every example once (their sums are reduced afterwards)."""
     from d2dmoe import data
 
     seen = []
     for rank in range(3):
         monkeypatch.setattr(data, "rank_and_world", lambda rank=rank: (3, rank))
-        sampler = data.LengthGroupedBatches(list(range(50)), batch_size=4, shuffle=shuffle)  # 13 batches
+        sampler = data.LengthGroupedBatches(list(range(50)), batch_size=4, shuffle=shuffle)  # 13 batches; 17, 17, 16 examples
         batches = list(sampler)
         assert len(batches) == len(sampler) == per_rank[rank]
         seen += [i for b in batches for i in b]

@@ -152,30 +152,31 @@ class LengthGroupedBatches(Sampler[list[int]]):
         self.epoch, self.skip = epoch, batches
 
     def __len__(self) -> int:
-        batches = -(-len(self.lengths) // self.batch_size)
         world, rank = rank_and_world()
-        if world == 1:
-            return batches
-        return batches // world if self.shuffle else len(range(rank, batches, world))
+        if world > 1 and not self.shuffle:  # evaluation: this rank's share of the examples, batched
+            return -(-len(range(rank, len(self.lengths), world)) // self.batch_size)
+        batches = -(-len(self.lengths) // self.batch_size)
+        return batches // world
 
     def __iter__(self):
         n = len(self.lengths)
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
         skip, self.skip = self.skip, 0
+        world, rank = rank_and_world()
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        span = self.batch_size * self.window if self.shuffle else n
+        if world > 1 and not self.shuffle:  # evaluation: each rank every world-th example, so each has some
+            order = order[rank::world]  # and every example is seen once (the sums are reduced afterwards)
+        span = self.batch_size * self.window if self.shuffle else len(order)
         batches = []
-        for start in range(0, n, span):
+        for start in range(0, len(order), span):
             chunk = order[start:start + span]
             chunk = chunk[self.lengths[chunk].argsort(descending=True, stable=True)]
             batches += list(chunk.split(self.batch_size))
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
-        world, rank = rank_and_world()
-        if world > 1:  # data-parallel: each rank its own batches; in training every rank the same number
-            # (the remainder left out), in evaluation every batch once (the sums are reduced afterwards)
-            batches = (batches[:len(batches) - len(batches) % world] if self.shuffle else batches)[rank::world]
+        if world > 1 and self.shuffle:  # data-parallel training: each rank its own batches, as many as
+            batches = batches[:len(batches) - len(batches) % world][rank::world]  # every other (remainder left out)
         return iter([b.tolist() for b in batches[skip:]])
 
 
