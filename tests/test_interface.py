@@ -106,3 +106,23 @@ def test_save_pretrained_keeps_the_operating_point(gpt2_folder, tmp_path):
     batch = batch_for("gpt2")
     with torch.no_grad():
         torch.testing.assert_close(again.run(batch), loaded.run(batch))
+
+
+def test_a_hub_id_loads_through_the_hub_cache(gpt2_folder, tmp_path, monkeypatch):
+    """`d2dmoe.load("owner/name")` goes through huggingface_hub's snapshot_download: offline here, it
+    resolves the id in the hub cache, laid out as a download leaves it."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--me--tiny-moe"
+    shutil.copytree(gpt2_folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = d2dmoe.load("me/tiny-moe")
+    batch = batch_for("gpt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.run(batch), d2dmoe.load(gpt2_folder).run(batch))
