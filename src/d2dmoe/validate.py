@@ -85,7 +85,7 @@ CHECKS: dict[str, Rule | str] = {
     # model
     "model._target_": "the adapter class Hydra builds; Hydra names it when it cannot import it",
     "model.name": "a label (artifact names and points)",
-    "model.family": one_of([*ADAPTERS, "auto"]),  # auto: read from the model (models/auto.py)
+    "model.family": one_of([*ADAPTERS, "auto"]),  # auto: read from the model (models/detect.py)
     "model.pretrained": BOOL,
     "model.path": "read by the adapter, which names model.path when nothing is there (check_model, before compute)",
     "model.config": "the architecture's own settings, checked by its config class when check_model reads the shapes",
