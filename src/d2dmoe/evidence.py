@@ -97,7 +97,7 @@ def seeds_and_examples(per_seed, seeds: int, n: int, resamples: int = 2000, seed
     The interval is mean +- t(seeds - 1) * sqrt(var_seeds / seeds + var_examples): var_seeds is the
     spread of the seeds' statistics on the whole split, var_examples that of their mean over
     bootstrap resamples of the examples (the same draw for every seed). A percentile bootstrap that
-    also resamples the seeds covered 80-87% instead of 95% with three seeds in simulation
+    also resamples the seeds covered 76-87% instead of 95% with three seeds in simulation
     (tests/test_coverage.py), since three values understate their own spread; with one seed, the
     examples' percentile interval is all there is.
     Returns {"mean", "lo", "hi", "valid" (the fraction of resamples where it is finite), "per_seed"
