@@ -44,7 +44,7 @@ MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_exp
 
 def ffn_runs(adapter, model: nn.Module) -> list[int]:
     """How often one forward of a two-token sample calls each distinct FFN module of the model."""
-    ffns = list(dict.fromkeys(m for m in model.modules() if isinstance(m, FFN) and m.kind == "ffn"))
+    ffns = [m for m in model.modules() if isinstance(m, FFN) and m.kind == "ffn"]  # modules() yields each once
     calls = dict.fromkeys(map(id, ffns), 0)
 
     def count(module, args, output):
