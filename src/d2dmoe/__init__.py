@@ -20,3 +20,11 @@ def load(path, device="cpu", trust_remote_code=False):
     from .export import load as load_folder
 
     return load_folder(path, device, trust_remote_code)
+
+
+def convert(model, train_data, val_data, test_data=None, **settings):
+    """A transformers model converted on data in memory, its operating point chosen on validation
+    within `budget`: returns the converted model, its points and spec (api.convert says more)."""
+    from .api import convert as convert_in_memory
+
+    return convert_in_memory(model, train_data, val_data, test_data, **settings)

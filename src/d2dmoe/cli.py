@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,45 +101,15 @@ def convert_overrides(args: list[str]) -> list[str]:
 
 
 def convert_job(cfg: DictConfig) -> dict:
-    from . import pipeline
-    from .calibrate import layer_calibration, measure
-    from .export import choose_tau, model_spec, save
+    from .conversion import convert_to_budget
     from .job import quiet_libraries
-    from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
     from .validate import check_config
 
     check_config(cfg)  # the convert.* keys among them
     quiet_libraries()
-    budget = cfg.convert.budget
-    ctx, dense, moe = pipeline.convert(cfg)
-    metric = ctx.adapter.task.metric
-    set_impl(moe, cfg.experts.impl)
-    calibration = []
-    for tau in cfg.routing.taus:
-        set_gate(moe, DynamicKGate(float(tau)))
-        calibration.append({"tau": float(tau), **measure(ctx, moe, "validation")})
-    chosen = choose_tau(calibration, budget, metric)
-    set_gate(moe, DynamicKGate(chosen["tau"]))
-    test = measure(ctx, moe)
-    operating = {"tau": chosen["tau"], "layer_taus": None}
-    if cfg.convert.per_layer:  # a tau per layer, chosen the same way; the global choice kept for comparison
-        layer_rows = layer_calibration(ctx, moe, list(cfg.convert.layer_taus), calibration,
-                                       cfg.convert.profile_batches)
-        chosen_layers = choose_tau(layer_rows, budget, metric)
-        set_layer_taus(moe, chosen_layers["taus"])
-        global_test, test = test, measure(ctx, moe)
-        operating.update(layer_taus=chosen_layers["taus"], layer_calibration=layer_rows,
-                         global_measured={"split": "test", **global_test})
-    reference = measure(ctx, dense)
-    free_scratch()
-    measured = {"split": "test", **test, "dense_value": reference["value"]}
-    spec = {**model_spec(OmegaConf.to_container(cfg.model, resolve=True), moe, ctx.dims.num_labels
-                         if ctx.adapter.task.head_from_labels else None, cfg.sparsity.activation, cfg.routing.router.kind,
-                         pipeline.attention_experts(cfg)),
-            "metric": metric, "budget": budget, "calibration": calibration, **operating, "measured": measured}
-    out = save(cfg.convert.out, moe, spec, ctx.data.tokenizer)
-    print(f"\n{info(out)}\n", flush=True)
-    return spec
+    conversion = convert_to_budget(cfg, progress=bool(cfg.trainer.enable_progress_bar), out=cfg.convert.out)
+    print(f"\n{info(conversion.folder)}\n", flush=True)
+    return conversion.spec
 
 
 def info(path: str | Path) -> str:

@@ -89,6 +89,9 @@ def fill_splits(ds, val_fraction: float, test_fraction: float, seed: int):
     fraction = {"validation": val_fraction, "test": test_fraction}
     out = {s: ds[s] for s in ("validation", "test") if s in ds}
     for split in missing:
+        if fraction[split] == 0:  # none wanted: an empty split (nothing is measured on it)
+            out[split] = train.select([])
+            continue
         cut = train.train_test_split(test_size=fraction[split], seed=seed)
         train, out[split] = cut["train"], cut["test"]
     return DatasetDict(train=train, **out)
@@ -124,9 +127,9 @@ def load_splits(path: str, delimiter: str | None, val_fraction: float, test_frac
         files = {}
         for split, names in LOCAL_SPLIT_NAMES.items():
             found = [f for f in sorted(local.iterdir()) if f.stem in names]
-            if not found:
+            if not found and not (split == "test" and test_fraction == 0):  # 0: the data has no test split
                 raise FileNotFoundError(f"data.path={path}: no {split} file (looked for {names} with any suffix)")
-            files[split] = str(found[0])
+            files |= {split: str(found[0])} if found else {}
         builder, kwargs = builder_for(Path(files["train"]).suffix.lstrip("."), delimiter)
         ds = load_dataset(builder, data_files=files, **kwargs)
     ds = DatasetDict({s: ds[s] for s in SPLITS if s in ds})
@@ -299,6 +302,7 @@ class TokenizedTextData(SplitData):
         target = self.cache_dir / f"{self.name}-{self._cache_key()}"
         if not target.exists():
             encoded, names = self._encode(self._raw())
+            encoded = type(encoded)({s: d for s, d in encoded.items() if len(d)})  # an empty split cannot be saved
             tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
             encoded.save_to_disk(str(tmp))
             (tmp / "label_names.json").write_text(json.dumps(names))
@@ -316,6 +320,7 @@ class TokenizedTextData(SplitData):
             return
         splits = self._load_or_build()
         limits = {"train": self.limit_train, "validation": self.limit_eval, "test": self.limit_eval}
+        splits = {s: splits[s] if s in splits else splits["train"].select([]) for s in SPLITS}  # none: empty
         self.splits = {s: splits[s].select(range(min(limits[s], len(splits[s])))) if limits[s] else splits[s]
                        for s in SPLITS}
 

@@ -464,10 +464,14 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
     return results
 
 
-def convert(cfg: DictConfig, wandb_run=None) -> tuple[Context, nn.Module, nn.Module]:
+def convert(cfg: DictConfig, wandb_run=None, needs_test: bool = False) -> tuple[Context, nn.Module, nn.Module]:
     """The dense reference and the converted model (routers trained) for one config. Upstream phases
-    are loaded or trained only when a downstream artifact is missing."""
+    are loaded or trained only when a downstream artifact is missing. `needs_test`: stop before any
+    training when the data has no test split."""
     ctx = build_context(cfg, wandb_run)
+    if needs_test and not len(ctx.data.splits["test"]):
+        raise ValueError("data.test_fraction=0: the data has no test split, and a run's points are measured on "
+                         "test; give the data a test file, or choose an operating point with `d2dmoe convert`")
     arts, phases = artifacts(cfg), chain(cfg)
     models: dict[int, nn.Module] = {}
 
@@ -493,6 +497,6 @@ def dense_training(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig, wandb_run=None) -> Results:
     """All phases for one config; returns the evaluated points (the dense reference first) and stats."""
-    results = evaluate_phase(*convert(cfg, wandb_run))
+    results = evaluate_phase(*convert(cfg, wandb_run, needs_test=True))
     results.stats["dense_training"] = dense_training(cfg)
     return results

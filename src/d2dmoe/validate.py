@@ -115,7 +115,8 @@ CHECKS: dict[str, Rule | str] = {
     "data.split_seed": INT,
     "data.dedup": BOOL,
     "data.val_fraction": SPLIT_FRACTION,
-    "data.test_fraction": SPLIT_FRACTION,
+    "data.test_fraction": Rule(lambda v: is_number(v) and 0 <= v < 1,
+                               "a number in [0, 1) (0: no test split, for data without a test file)"),
     "data.limit_train": optional(at_least(1)),
     "data.limit_eval": optional(at_least(1)),
     # phases
@@ -213,6 +214,9 @@ def check_config(cfg: DictConfig) -> None:
             and d.val_fraction + d.test_fraction >= 1:
         raise ConfigError("data.val_fraction", f"with data.test_fraction={d.test_fraction} leaves no training "
                                                f"data (their sum must be < 1), got {d.val_fraction}")
+    if d.get("test_fraction") == 0 and d.get("kind") != "splits":
+        raise ConfigError("data.test_fraction", f"0 (no test split) needs data.kind=splits (a source without a test "
+                                                f"file); data.kind={d.get('kind')!r} cuts its test split itself")
     if cfg.attention.convert and family in ADAPTERS and (reason := ADAPTERS[family].no_attention_conversion):
         raise ConfigError("attention.convert", reason)
     r = cfg.routing
