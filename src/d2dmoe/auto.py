@@ -4,12 +4,12 @@ A converted transformers model's folder holds, as config.json, a small config of
 `d2dmoe` (the original architecture's config sits in base/config.json). Without d2dmoe, transformers
 refuses it ("model type `d2dmoe`"), so the folder can never load as the dense model with random
 FFNs; with `import d2dmoe`, `AutoModelForCausalLM.from_pretrained(folder)` (and AutoModel,
-AutoModelForSequenceClassification) return what `d2dmoe.load(folder)` does.
+AutoModelForSequenceClassification, AutoModelForImageClassification) return what `d2dmoe.load(folder)` does.
 """
 from __future__ import annotations
 
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          PretrainedConfig)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
+                          AutoModelForSequenceClassification, PretrainedConfig)
 
 MODEL_TYPE = "d2dmoe"
 HOW_TO_LOAD = "a D2DMoE-converted model: load it with d2dmoe.load(folder), or with transformers' Auto classes after `import d2dmoe`"
@@ -36,7 +36,7 @@ class D2DMoEAutoModel:
 
 def register() -> None:
     AutoConfig.register(MODEL_TYPE, D2DMoEConfig, exist_ok=True)
-    for auto in (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification):
+    for auto in (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForImageClassification):
         auto.register(D2DMoEConfig, D2DMoEAutoModel, exist_ok=True)
 
 

@@ -19,6 +19,7 @@ from ..moe import FFN
 from ..tasks import Classification
 from . import measure
 from .layouts import (
+    AddResidual,
     Layout,
     Unflatten,
     conv1d_to_linear,
@@ -76,6 +77,9 @@ class Adapter:
     # a transformers model: its config.json and tokenizer are saved beside a converted model's
     # weights, and loading reads them from that folder
     config_in_folder = True
+    # where weightless copies are built and run (layout checks, cost measurement): the meta device
+    # costs no memory or compute; a family whose modules cache tensors made in a forward takes "cpu"
+    weightless_device = "meta"
 
     def __init__(self, name: str, path: str | None = None, family: str | None = None, pretrained: bool = True,
                  config: dict | None = None, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
@@ -117,7 +121,8 @@ class Adapter:
 
     def ffn_width(self, config) -> int:
         """d_ff, read from a transformers config where its layout says (unset: 4 x hidden size)."""
-        return getattr(config, self.config_layout(config).d_ff, None) or 4 * config.hidden_size
+        key = self.config_layout(config).d_ff
+        return (getattr(config, key, None) if key else None) or 4 * config.hidden_size
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         layout = self.layout(model)
@@ -151,6 +156,9 @@ class Adapter:
                              f"its w2 {w2.in_features} inputs; looked for {layout} (a fused gate/up layer: gate_up)")
         ffn = FFN(w1, w2, act, up=up)
         module = nn.Sequential(ffn, *then) if then else ffn
+        if layout.residual:
+            replaced = get(block, layout.ffn)  # its dropout, in the mode it is in (a new module would train)
+            module = AddResidual(module, getattr(replaced, "hidden_dropout", 0.0)).train(replaced.training)
         if layout.flat:
             module = Unflatten(module)
             block.register_forward_pre_hook(module.capture, with_kwargs=True)
@@ -173,8 +181,8 @@ class Adapter:
 
     def check_layout(self, num_labels: int | None, attention: bool = False) -> None:
         """Place every FFN (and find the attention projections, with `attention`) in a weightless copy
-        on the meta device: a layout that does not fit the model stops here, before any compute."""
-        with torch.device("meta"):
+        (weightless_device): a layout that does not fit the model stops here, before any training."""
+        with torch.random.fork_rng(devices=[]), torch.device(self.weightless_device):
             model = self.install_ffns(self.build(num_labels, weights=False))
             if attention:
                 self.projection_slots(model)
@@ -201,7 +209,7 @@ class Adapter:
         slots = []
         for block in self.blocks(model):
             parent, name = parent_and_name(block, layout.ffn)
-            if layout.flat:
+            if layout.flat or layout.residual:
                 parent, name = getattr(parent, name), "inner"
             if layout.then:
                 parent, name = getattr(parent, name), "0"

@@ -23,7 +23,8 @@ class BertAdapter(Adapter):
 
     def dims(self, num_labels: int) -> Dims:
         c = self.hf_config(num_labels)
-        return Dims(c.num_hidden_layers, c.hidden_size, self.ffn_width(c), num_labels)
+        matrices = 3 if self.config_layout(c).gated else 2  # ModernBERT's FFN is gated
+        return Dims(c.num_hidden_layers, c.hidden_size, self.ffn_width(c), num_labels, matrices)
 
     def build(self, num_labels: int, weights: bool = True) -> nn.Module:
         """The dense classifier; pretrained weights when configured and `weights`, else initialised."""

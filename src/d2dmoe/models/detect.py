@@ -12,12 +12,16 @@ from pathlib import Path
 from .base import Adapter
 from .bert import BertAdapter
 from .causal_lm import CausalLMAdapter
+from .image import ImageClassifierAdapter
 from .layouts import LAYOUTS
 from .vit import VitAdapter
 
-HEADS = {"ForSequenceClassification": BertAdapter, "ForCausalLM": CausalLMAdapter, "LMHeadModel": CausalLMAdapter}
-# without a task head in `architectures` (BertModel, GPT2Model, ...), the table's encoders are classified
-ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "roformer", "mpnet", "deberta-v2"})
+HEADS = {"ForSequenceClassification": BertAdapter, "ForCausalLM": CausalLMAdapter, "LMHeadModel": CausalLMAdapter,
+         "ForImageClassification": ImageClassifierAdapter, "ForImageClassificationWithTeacher": ImageClassifierAdapter}
+# without a task head in `architectures` (BertModel, GPT2Model, ViTModel, ...), the table's encoders are classifiers
+ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "roformer", "mpnet", "deberta-v2",
+                      "modernbert"})
+VISION_ENCODERS = frozenset({"vit", "deit", "beit", "dinov2"})
 TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -39,10 +43,12 @@ def adapter_class(path: str, trust_remote_code: bool = False) -> tuple[type[Adap
         for suffix, cls in HEADS.items():
             if architecture.endswith(suffix):
                 return cls, {}
+    if model_type in VISION_ENCODERS:
+        return ImageClassifierAdapter, {}
     if model_type in LAYOUTS:
         return (BertAdapter if model_type in ENCODERS else CausalLMAdapter), {}
     raise ValueError(f"model=auto: cannot tell the task of {path} (model_type {model_type!r}, architectures "
-                     f"{raw.get('architectures')}): set model.family to one of bert, causal_lm, vit and model._target_ "
+                     f"{raw.get('architectures')}): set model.family to one of bert, causal_lm, hf_vision, vit and model._target_ "
                      "to its adapter (README: Model families)")
 
 

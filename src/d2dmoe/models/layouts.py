@@ -39,6 +39,7 @@ class Layout:
     qkv: str | None = None
     conv1d: bool = False  # weights kept as transformers' Conv1D ([in, out]): they become nn.Linear
     flat: bool = False  # the block flattens its tokens to [B*T, d] before the FFN (OPT): see Unflatten
+    residual: bool = False  # `ffn` takes (x, residual) and adds the residual itself (BLOOM): see AddResidual
 
     def __post_init__(self):
         if (self.w1 is None) == (self.gate_up is None):
@@ -67,6 +68,10 @@ _BERT = {"ffn": "intermediate", "w1": "intermediate.dense", "w2": "output.dense"
 _LLAMA = {"blocks": "model.layers", "ffn": "mlp", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "act": "mlp.act_fn",
           "up": "mlp.up_proj"}
 
+# transformers' ViT family: mlp = fc2(act(fc1(x))), attention with separate q, k, v, o projections
+_VISION = {"ffn": "mlp", "w1": "mlp.fc1", "w2": "mlp.fc2", "act": "mlp.activation_fn",
+           "projections": ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")}
+
 LAYOUTS: dict[str, Layout] = {
     "bert": Layout(blocks="bert.encoder.layer", **_BERT),
     "roberta": Layout(blocks="roberta.encoder.layer", **_BERT),
@@ -76,6 +81,9 @@ LAYOUTS: dict[str, Layout] = {
     "mpnet": Layout(blocks="mpnet.encoder.layer", **{**_BERT, "projections": None}),  # its attention: q, k, v, o
     # DeBERTa-v2/v3: BERT's FFN; its disentangled relative attention is left as it is
     "deberta-v2": Layout(blocks="deberta.encoder.layer", **{**_BERT, "projections": None}),
+    # ModernBERT: Wo(drop(act(input) * gate)) with [input; gate] = Wi(x), the activated half first
+    "modernbert": Layout(blocks="model.layers", ffn="mlp", gate_up="mlp.Wi", w2="mlp.Wo", act="mlp.act",
+                         then=()),
     "distilbert": Layout(blocks="distilbert.transformer.layer", ffn="ffn", w1="ffn.lin1", w2="ffn.lin2",
                          act="ffn.activation", then=("dropout",), d_ff="hidden_dim",
                          projections=("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin")),
@@ -87,11 +95,15 @@ LAYOUTS: dict[str, Layout] = {
                    then=("dropout",), d_ff="n_inner"),
     "gpt_bigcode": Layout(blocks="transformer.h", ffn="mlp", w1="mlp.c_fc", w2="mlp.c_proj", act="mlp.act",
                           then=("dropout",), d_ff="n_inner"),
+    # StarCoder2's mlp ends in a functional dropout (residual_dropout, 0 unless set), which the FFN leaves out
+    "starcoder2": Layout(blocks="model.layers", ffn="mlp", w1="mlp.c_fc", w2="mlp.c_proj", act="mlp.act"),
     "falcon": Layout(blocks="transformer.h", ffn="mlp", w1="mlp.dense_h_to_4h", w2="mlp.dense_4h_to_h",
                      act="mlp.act", d_ff="ffn_hidden_size"),
     "phi": Layout(blocks="model.layers", ffn="mlp", w1="mlp.fc1", w2="mlp.fc2", act="mlp.activation_fn"),
     "llama": Layout(**_LLAMA),
+    "olmo": Layout(**_LLAMA),
     "olmo2": Layout(**_LLAMA),
+    "cohere": Layout(**_LLAMA),  # attention and FFN side by side in each block: the FFN is still `mlp`
     "stablelm": Layout(**_LLAMA),
     "granite": Layout(**_LLAMA),
     "mistral": Layout(**_LLAMA),
@@ -106,6 +118,16 @@ LAYOUTS: dict[str, Layout] = {
     "opt": Layout(blocks="model.decoder.layers", ffn="fc1", w1="fc1", w2="fc2", act="activation_fn",
                   identity=("activation_fn", "fc2"), d_ff="ffn_dim", flat=True,
                   projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")),
+    # BLOOM's mlp adds the residual itself; its fused QKV interleaves the heads, so no projections
+    "bloom": Layout(blocks="transformer.h", ffn="mlp", w1="mlp.dense_h_to_4h", w2="mlp.dense_4h_to_h",
+                    act="mlp.gelu_impl", d_ff=None, residual=True),
+    # transformers' vision encoders (models/image.py)
+    "vit": Layout(blocks="vit.layers", **_VISION),
+    "deit": Layout(blocks="deit.layers", **_VISION),
+    "beit": Layout(blocks="beit.layers", **_VISION),
+    "dinov2": Layout(blocks="dinov2.encoder.layer", **{**_VISION, "d_ff": None}),  # width: hidden x mlp_ratio
+    # timm's GluMlp (EVA-02): fc2(act(gate) * up) with [gate; up] = fc1(x)
+    "timm_glu": Layout(blocks="blocks", ffn="mlp", gate_up="mlp.fc1", w2="mlp.fc2", act="mlp.act", d_ff=None),
     "timm_vit": Layout(blocks="blocks", ffn="mlp", w1="mlp.fc1", w2="mlp.fc2", act="mlp.act", d_ff=None,
                        qkv="attn.qkv", projections=("attn.proj",)),
 }
@@ -129,11 +151,30 @@ class Unflatten(nn.Module):
         return self.inner(x.view(*self.shape, x.shape[-1])).reshape(x.shape)
 
 
+class AddResidual(nn.Module):
+    """For an FFN module that adds the residual itself (Layout.residual): the FFN inside, then the
+    module's dropout and the residual, as `dropout_add` did."""
+
+    def __init__(self, inner: nn.Module, dropout: float):
+        super().__init__()
+        self.inner, self.dropout = inner, float(dropout)
+
+    def forward(self, x, residual):  # [B, T, d] twice -> [B, T, d]
+        return residual + nn.functional.dropout(self.inner(x), self.dropout, self.training)
+
+
+# architectures that cannot convert right whatever the layout, and why
+REFUSED = {"albert": "ALBERT runs one layer's weights at every depth: its FFN would be one module run 12 times, and "
+                     "the converted cost would be counted once; models whose layers share weights are not supported"}
+
+
 def layout_for(model_type: str, override: dict | None, what: str) -> Layout:
     """The layout of `model_type` (the model config's `override` first). `what` names the model
     for the error when there is none."""
-    if override:
+    if override:  # a layout for a refused architecture still meets the checks that refuse it (check_layout)
         return Layout.from_config(dict(override))
+    if model_type in REFUSED:
+        raise ValueError(f"{what}: {REFUSED[model_type]}")
     if model_type not in LAYOUTS:
         raise ValueError(
             f"{what}: no FFN layout for model_type {model_type!r}; layouts exist for {sorted(LAYOUTS)}. Give one "

@@ -45,7 +45,7 @@ def measure(adapter, dims, lengths: list[int]) -> list[int]:
     if hasattr(eager, "_config"):
         eager._config = None
     try:
-        return non_ffn_macs(eager, dims, lengths, "meta")
+        return non_ffn_macs(eager, dims, lengths, adapter.weightless_device)
     except (RuntimeError, NotImplementedError, ValueError, TypeError):  # a forward that reads values
         return non_ffn_macs(eager, dims, lengths, "cpu")
 

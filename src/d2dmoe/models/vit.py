@@ -72,17 +72,20 @@ class VitAdapter(Adapter):
     @cached_property
     def shape(self) -> dict:
         """What the cost needs from the architecture, read from a model built on the meta device."""
+        from timm.models.eva import Eva
         from timm.models.vision_transformer import VisionTransformer
 
         with torch.device("meta"):
             m = self.create(1, pretrained=False)
-        if not isinstance(m, VisionTransformer):  # CaiT's blocks see the patches without the class token, ...
+        if not isinstance(m, (VisionTransformer, Eva)):  # CaiT's blocks see the patches without the class token, ...
             raise ValueError(f"model.path={self.path}: a timm {type(m).__name__}; the vit family converts timm's "
-                             "VisionTransformer and its subclasses (ViT, DeiT, distilled DeiT), whose blocks all see "
-                             "every patch and prefix token: the cost of another layout would be counted wrong")
+                             "VisionTransformer and its subclasses (ViT, DeiT, distilled DeiT) and Eva (EVA-02), whose "
+                             "blocks all see every patch and prefix token: the cost of another layout would be counted "
+                             "wrong")
         conv = m.patch_embed.proj
         mlp = m.blocks[0].mlp
-        return {"layers": len(m.blocks), "d": m.embed_dim, "d_ff": mlp.fc1.out_features,
+        return {"layers": len(m.blocks), "d": m.embed_dim, "d_ff": mlp.fc2.in_features,
+                "matrices": 3 if self.glu(mlp) else 2,
                 "patches": m.patch_embed.num_patches, "prefix": m.num_prefix_tokens,
                 "image": (conv.in_channels, *m.patch_embed.img_size),
                 "grid": tuple(m.patch_embed.grid_size),
@@ -102,20 +105,41 @@ class VitAdapter(Adapter):
 
     def dims(self, num_labels: int) -> Dims:
         s = self.shape
-        return Dims(s["layers"], s["d"], s["d_ff"], num_labels)
+        return Dims(s["layers"], s["d"], s["d_ff"], num_labels, s["matrices"])
 
     def build(self, num_labels: int, weights: bool = True) -> nn.Module:
         return self.create(num_labels, pretrained=self.pretrained and weights)
 
+    @staticmethod
+    def glu(mlp: nn.Module) -> bool:
+        from timm.layers import GluMlp
+
+        return type(mlp) is GluMlp
+
+    def layout(self, model: nn.Module):
+        """timm's plain Mlp (fc1, act, fc2), or its GluMlp (EVA-02: fc1 gives [gate; up])."""
+        from .layouts import layout_for
+
+        gated = not self.layout_override and self.glu(self.blocks_of(model)[0].mlp)
+        return layout_for("timm_glu" if gated else self.default_model_type, self.layout_override,
+                          f"model class {type(model).__name__}")
+
+    @staticmethod
+    def blocks_of(model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
     def make_ffn(self, block: nn.Module, layout) -> FFN:
-        """timm's Mlp also holds dropouts and an optional norm between the layers: only the plain form
-        (no norm, dropout 0) converts exactly."""
+        """timm's Mlp and GluMlp also hold dropouts and an optional norm between the layers: only the
+        plain forms (no norm, dropout 0; GluMlp activating the first half) convert exactly."""
         from timm.layers import Mlp
 
         mlp = block.mlp
-        if type(mlp) is not Mlp:  # GluMlp, SwiGLU (EVA02), ...: a gated MLP, not fc1 -> act -> fc2
-            raise ValueError(f"{type(mlp).__name__} in {type(block).__name__}: only timm's plain Mlp (fc1, act, fc2) "
-                             "converts; gated timm MLPs are not supported")
+        if type(mlp) is not Mlp and not self.glu(mlp):  # SwiGLU (fc1_g, fc1_x), ...
+            raise ValueError(f"{type(mlp).__name__} in {type(block).__name__}: only timm's Mlp (fc1, act, fc2) and "
+                             "GluMlp (fc1 = [gate; up], act, fc2) convert; this timm MLP is not supported")
+        if self.glu(mlp) and (mlp.gate_last or mlp.chunk_dim != -1):
+            raise ValueError(f"GluMlp in {type(block).__name__} activates the second half of fc1 (gate_last): only "
+                             "the first-half form converts")
         if not isinstance(mlp.norm, nn.Identity) or mlp.drop1.p or mlp.drop2.p:
             raise ValueError(f"{type(mlp).__name__}: only timm Mlp blocks without a hidden norm or "
                              "dropout convert exactly (set drop_rate=0)")
