@@ -514,3 +514,24 @@ def test_the_architecture_list_is_what_these_tests_check():
     share = len(converts) / len(status)
     assert f"{len(converts)} of {len(status)} convert ({share:.0%}); the other {len(status) - len(converts)} are refused" in text
     assert share >= 0.9
+
+
+def test_every_checkpoint_weight_loads_or_the_load_names_the_missing_ones(tmp_path):
+    """A fine-tuned classifier's folder loads whole; one missing a head weight, or a weight of the
+    base model, stops naming it (transformers would start it random with only a load report); a base
+    model's folder (no head for the task) gets a fresh head for the dense phase to train."""
+    from safetensors.torch import load_file, save_file
+
+    config = transformers.BertConfig(**SHAPE, vocab_size=VOCAB, num_labels=3)
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "whole")
+    transformers.BertModel(config).save_pretrained(tmp_path / "base")
+    assert BertAdapter("m", path=str(tmp_path / "whole")).build(3) is not None
+    assert BertAdapter("m", path=str(tmp_path / "base")).build(3) is not None
+    for key, part in (("classifier.weight", "trained head"), ("bert.encoder.layer.1.output.dense.bias", "base model")):
+        folder = tmp_path / key
+        transformers.BertForSequenceClassification(config).save_pretrained(folder)
+        weights = load_file(folder / "model.safetensors")
+        weights.pop(key)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"lacks 1 weight\(s\) of the {part}.*{key}"):
+            BertAdapter("m", path=str(folder)).build(3)

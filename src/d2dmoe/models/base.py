@@ -104,6 +104,23 @@ class Adapter:
             return "eager"
         return self.attn_implementation
 
+    def from_pretrained(self, model_class, cfg, **kwargs) -> nn.Module:
+        """A transformers model with every weight from the checkpoint, or an error naming the ones
+        missing: a weight of the base model, or of the task head when the folder holds this very
+        task model (its head trained). Only a head the folder lacks (a base model given a new task)
+        starts fresh, for the dense phase to train. Shapes that differ already stop transformers."""
+        model, info = model_class.from_pretrained(self.path, config=cfg, output_loading_info=True, **kwargs,
+                                                  **self.hub_kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        in_base = [k for k in missing if k.startswith(f"{model.base_model_prefix}.")]
+        headed = type(model).__name__ in (cfg.architectures or [])
+        if in_base or (headed and missing):
+            raise ValueError(f"{self.path}: the checkpoint lacks {len(in_base or missing)} weight(s) of the "
+                             f"{'base model' if in_base else 'trained head'} ({type(model).__name__}): "
+                             f"{(in_base or missing)[:8]}; they would start random. Save the whole model "
+                             "(save_pretrained) and convert that folder")
+        return model
+
     # -- where the FFNs are: the layout ----------------------------------------------------------
     def layout(self, model: nn.Module) -> Layout:
         """The model's layout: the model config's `layout`, else the table's for its model_type."""

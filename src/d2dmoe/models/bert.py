@@ -33,7 +33,7 @@ class BertAdapter(Adapter):
         cfg = self.hf_config(num_labels)
         torch.manual_seed(0)  # the fresh head (and a model built from a config) starts the same every time
         if self.pretrained and weights:
-            return AutoModelForSequenceClassification.from_pretrained(self.path, config=cfg, **self.hub_kwargs)
+            return self.from_pretrained(AutoModelForSequenceClassification, cfg)
         return AutoModelForSequenceClassification.from_config(cfg)
 
     def analytic_fixed_macs(self, tokens: torch.Tensor, dims: Dims) -> torch.Tensor:

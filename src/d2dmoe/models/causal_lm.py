@@ -80,7 +80,7 @@ class CausalLMAdapter(Adapter):
         torch.manual_seed(0)  # a model built from a config starts the same every time
         if self.pretrained and weights:
             kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-            model = AutoModelForCausalLM.from_pretrained(self.path, config=cfg, **kwargs, **self.hub_kwargs)
+            model = self.from_pretrained(AutoModelForCausalLM, cfg, **kwargs)
             if self.gguf_file:  # GGUF weights arrive dequantised to float32: a plain model from here on
                 model.hf_quantizer, model.is_quantized = None, False
                 model.config.__dict__.pop("quantization_config", None)

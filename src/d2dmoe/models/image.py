@@ -46,7 +46,7 @@ class ImageClassifierAdapter(Adapter):
         cls = self.model_class(cfg)
         torch.manual_seed(0)  # a fresh head (and a model built from a config) starts the same every time
         if self.pretrained and weights:
-            return cls.from_pretrained(self.path, config=cfg, **self.hub_kwargs)
+            return self.from_pretrained(cls, cfg)
         return cls(cfg)
 
     @cached_property
