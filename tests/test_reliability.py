@@ -410,26 +410,30 @@ def test_batches_shard_across_ranks(shuffle, per_rank, monkeypatch):
     assert len(seen) == len(set(seen)) and (shuffle or sorted(seen) == list(range(50)))
 
 
-def validate(cfg, devices: int) -> dict:
-    """The dense phase's module validated on the smoke data, on `devices` CPU processes."""
+def validate(cfg, strategy: str | None) -> dict:
+    """The dense phase's module validated on the smoke data: one process, or two CPU processes under
+    trainer=ddp's or trainer=fsdp's strategy."""
     import lightning as L
 
     from d2dmoe.phases.finetune import TaskTraining
+    from d2dmoe.sharded import SpawnedDDP, SpawnedFSDP
 
     ctx = pipeline.build_context(cfg)
     module = TaskTraining(ctx.adapter.build(ctx.dims.num_labels), ctx.adapter, lr=1e-3)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+    made = {None: lambda: "auto", "ddp": SpawnedDDP, "fsdp": lambda: SpawnedFSDP(data_parallel_size=2)}[strategy]()
+    trainer = L.Trainer(accelerator="cpu", devices=1 if strategy is None else 2, strategy=made,
                         use_distributed_sampler=False,  # the batch samplers shard themselves (conf/trainer/ddp.yaml)
                         logger=False, enable_progress_bar=False, enable_model_summary=False)
     return trainer.validate(module, datamodule=ctx.data, verbose=False)[0]
 
 
-def test_validation_under_ddp_is_what_one_process_measures(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_validation_under_ddp_and_fsdp_is_what_one_process_measures(strategy, tmp_path):
     """Two gloo processes, each validating its share of the batches: the logged metric and loss (what
     early stopping reads) equal one process's on the whole split."""
     cfg = compose_config(["experiment=smoke", "data.limit_eval=37", "data.eval_batch_size=8"],
                          artifacts_dir=tmp_path)
-    one, two = validate(cfg, 1), validate(cfg, 2)
+    one, two = validate(cfg, None), validate(cfg, strategy)
     assert two["val/accuracy"] == pytest.approx(one["val/accuracy"], abs=1e-6)
     assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
 

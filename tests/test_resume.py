@@ -143,3 +143,39 @@ def test_an_unreadable_checkpoint_is_moved_aside_and_the_phase_starts_again(dama
     assert [p.name for p in (tmp_path / "artifacts" / ".stale").iterdir()][0].startswith(f"{art.key}-{LAST}")
     resumed, expected = weights(art), weights(done["sparsify"])
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+class Killed(BaseException):
+    """What a kill leaves: the process stops where it is, nothing after runs."""
+
+
+def test_a_kill_during_a_checkpoint_write_keeps_the_last_checkpoint(whole, tmp_path, monkeypatch, caplog):
+    """Killed while sparsify writes its second checkpoint, between the temporary file (written in
+    full) and the rename over last.ckpt: the first checkpoint is still whole, the same command again
+    resumes from it, and the phase ends with the weights of the uninterrupted run."""
+    import os
+
+    done = whole[1]
+    art, run_with = interruptible("sparsify", whole, tmp_path, monkeypatch)
+    replace, writes = os.replace, []
+
+    def killed_at_second_write(src, dst):
+        if str(dst).endswith(LAST):
+            writes.append(dst)
+            if len(writes) == 2:
+                raise Killed(dst)
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_second_write)
+    with pytest.raises(Killed):
+        run_with(StopAfter("sparsify"))
+    monkeypatch.setattr(os, "replace", replace)
+    assert (art.work_dir / LAST).is_file() and list(art.work_dir.glob(f".tmp-{LAST}-*")) and not art.exists()
+    caplog.set_level(logging.INFO, logger="d2dmoe")
+    try:
+        run_with(StopAfter("sparsify"))
+    except PhaseSaved:
+        pass
+    assert f"resuming sparsify from {art.work_dir / LAST}" in caplog.text and "cannot be read" not in caplog.text
+    resumed, expected = weights(art), weights(done["sparsify"])
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)

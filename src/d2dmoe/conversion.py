@@ -15,6 +15,7 @@ from . import pipeline
 from .calibrate import layer_calibration, measure
 from .export import ConvertedModel, choose_tau, model_spec, save
 from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
+from .validate import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ def convert_to_budget(cfg: DictConfig, progress: bool = False, out: str | Path |
     no test split, and `measured.split` says so); saved to `out` when given."""
     from tqdm.auto import tqdm
 
+    if pipeline.training_free(cfg):
+        raise ConfigError("method", f"{cfg.method.name} is a training-free baseline for run.py's curves; d2dmoe "
+                                    "convert converts with D2DMoE (leave method at its default)")
     budget = cfg.convert.budget
     ctx, dense, moe = pipeline.convert(cfg)
     metric = ctx.adapter.task.metric

@@ -3,7 +3,8 @@
 cost = fixed(T) + sum over MoE layers of (T * router_macs + pairs_l * expert_macs),
 where pairs_l counts the (token, expert) pairs that ran in layer l, read from the gate masks.
 The dense model costs fixed(T) + T * 2 d d_ff per FFN (3 d d_ff when gated). When the attention
-projections are MoE layers too (attention.convert), their dense cost leaves fixed(T).
+projections are MoE layers too (attention.convert), their dense cost leaves fixed(T). A model run
+with training-free thresholds (thresholds.py) counts each FFN's weights read, token by token.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from .models import Dims
 from .moe import MoE, moe_layers
+from .thresholds import thresholded_layers
 
 
 def dense_ffn_macs(tokens: torch.Tensor, dims: Dims) -> torch.Tensor:
@@ -37,6 +39,15 @@ def executed_pairs(moe: MoE, attention_mask: torch.Tensor) -> torch.Tensor:
     """(token, expert) pairs that ran in the last forward, per sample, real tokens only: [B]."""
     per_token = moe.last_mask.sum(-1)  # [B, T]
     return (per_token * attention_mask).sum(-1).double()
+
+
+def thresholded_model_macs(adapter, model, attention_mask: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """MACs per sample of the last forward of a model whose FFNs ran thresholded (thresholds.py):
+    the fixed cost and, per layer, each real token's FFN MACs counting only the weights read: [B]."""
+    total = adapter.fixed_macs(attention_mask.sum(-1), dims)
+    for layer in thresholded_layers(model):
+        total = total + (layer.last_macs * attention_mask).sum(-1).double()
+    return total
 
 
 def moe_model_macs(adapter, model, attention_mask: torch.Tensor, dims: Dims) -> torch.Tensor:

@@ -4,6 +4,7 @@ depends on, so a run reuses whatever an earlier run with the same upstream confi
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -27,8 +28,11 @@ from .phases.finetune import TaskTraining
 from .phases.guard import out_of_memory_hint
 from .phases.routers import RouterTraining
 from .phases.split import split_model
-from .resume import last_checkpoint, resume_callbacks
+from .resume import AtomicCheckpointIO, last_checkpoint, resume_callbacks
 from .stats import ActivationStats, ExpertUse
+from .thresholds import RULES as THRESHOLD_RULES
+from .thresholds import Target, calibrate, set_target, thresholded_layers
+from .thresholds import install as install_thresholds
 from .validate import (ConfigError, check_config, check_model, config_keys, nearest_entry, num_experts,
                        router_hidden)
 
@@ -53,6 +57,11 @@ def plain(node) -> dict:
 def spec_of(node, group: str) -> dict:
     added = ADDED_WITH_DEFAULT.get(group, {})
     return {k: v for k, v in plain(node).items() if not (k in added and v == added[k])}
+
+
+def training_free(cfg: DictConfig) -> bool:
+    """A baseline that thresholds the dense model's FFNs (method=cats, teal): nothing after dense trains."""
+    return cfg.method.name in THRESHOLD_RULES
 
 
 def sparse_activation(cfg: DictConfig) -> nn.Module | None:
@@ -91,7 +100,8 @@ class Context:
         # train while validation improves, keeping the best weights (the dense reference)
         stopping = [KeepBest(self.adapter.task.metric, settings.patience)] if settings.get("patience") else []
         trainer = instantiate(self.cfg.trainer, max_epochs=settings.epochs, max_steps=settings.get("max_steps", -1),
-                              logger=logger, callbacks=resuming + stopping, enable_checkpointing=bool(resuming))
+                              logger=logger, callbacks=resuming + stopping, enable_checkpointing=bool(resuming),
+                              plugins=[AtomicCheckpointIO()] if resuming else None)
         ckpt = last_checkpoint(work_dir)
         if ckpt:
             log.info("resuming %s from %s", phase, ckpt)
@@ -299,14 +309,18 @@ class Phase:
         return self.module is not None
 
 
+def converts(cfg: DictConfig) -> bool:
+    return not training_free(cfg)
+
+
 # The phases in order: the only place that knows it. Each starts from the previous needed one.
 PHASES = (
     Phase("dense", "dense", train_dense, dense_spec, "dense", TaskTraining),
     Phase("attention", "attention", distill_attention, attention_spec, "attention", AttentionDistillation,
           needed=lambda cfg: bool(cfg.attention.convert)),
-    Phase("sparsify", "sparse", sparsify, sparsify_spec, "sparsity", TaskTraining),
-    Phase("split", "moe", split, split_spec),
-    Phase("routers", "moe", train_routers, routers_spec, "routing.router", RouterTraining),
+    Phase("sparsify", "sparse", sparsify, sparsify_spec, "sparsity", TaskTraining, needed=converts),
+    Phase("split", "moe", split, split_spec, needed=converts),
+    Phase("routers", "moe", train_routers, routers_spec, "routing.router", RouterTraining, needed=converts),
 )
 
 
@@ -341,7 +355,11 @@ ARTIFACT_KEYS: dict[str, tuple[str, ...] | str] = {
     "routing.taus": "evaluation only",
     "routing.ks": "evaluation only",
     "convert": "`d2dmoe convert`'s tau choice and folder, after the trained phases",
-    "method.name": "a label; a method's settings enter through their own keys",
+    "method.name": "a label, or a training-free baseline, which trains nothing after dense (its phases' keys "
+                   "then enter no name)",
+    "method.sparsities": "evaluation only: the baselines' thresholds are calibrated when the points are measured",
+    "method.calibration_batches": "evaluation only: the baselines' thresholds are calibrated when the points are "
+                                  "measured",
     "logger": "logging only",
     "artifacts_dir": "where artifacts are kept, not what they are",
     "checkpoint_every": "a resumed phase ends with the weights of an uninterrupted one",
@@ -383,7 +401,11 @@ PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "6
 
 def gates(cfg: DictConfig) -> list[tuple[dict, object]]:
     """(point fields, gate) for every value of the routing rule's evaluation list; rule `both`
-    evaluates the dynamic-k taus, then the top-k ks, on the same routers."""
+    evaluates the dynamic-k taus, then the top-k ks, on the same routers. A training-free baseline:
+    each target sparsity of method.sparsities (its gate: thresholds.Target)."""
+    if training_free(cfg):
+        return [({"rule": cfg.method.name, "tau": None, "k": None, "sparsity": float(s)}, Target(float(s)))
+                for s in cfg.method.sparsities]
     out = []
     if cfg.routing.rule in ("dynk", "both"):
         out += [({"rule": "dynk", "tau": float(t), "k": None}, DynamicKGate(float(t))) for t in cfg.routing.taus]
@@ -425,6 +447,25 @@ def measure_point(ctx: Context, model: nn.Module, reference: Reference, results:
     return fields
 
 
+def thresholded_copy(ctx: Context, dense: nn.Module) -> nn.Module:
+    """The dense model with its FFNs thresholded by the baseline's rule, calibrated on the first
+    method.calibration_batches training batches (their order the run's seed) to each target."""
+    m = ctx.cfg.method
+    model = install_thresholds(ctx.adapter, copy.deepcopy(dense).eval(), m.name)
+    calibrate(model, ctx.adapter, itertools.islice(ctx.data.train_dataloader(), m.calibration_batches),
+              [float(s) for s in m.sparsities], seed=ctx.cfg.seed)
+    return model
+
+
+def select(model: nn.Module, gate) -> None:
+    """Set an evaluation point: a gate on every MoE layer, or a baseline's target sparsity
+    (AllExperts: its thresholds off, the dense FFNs)."""
+    if thresholded_layers(model):
+        set_target(model, gate.sparsity if isinstance(gate, Target) else None)
+    else:
+        set_gate(model, gate)
+
+
 def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
     cfg = ctx.cfg
     r = cfg.routing.router
@@ -435,12 +476,17 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
               "num_experts": num_experts(cfg, ctx.dims), "expert_size": ctx.dims.d_ff // num_experts(cfg, ctx.dims),
               "attention": bool(cfg.attention.convert), "metric": ctx.adapter.task.metric, "split": "test",
               "seed": int(cfg.seed)}
+    if training_free(cfg):  # nothing sparsified, split or routed: those settings describe no model here
+        common |= dict.fromkeys(("alpha", "penalty", "router", "router_lr", "router_epochs", "sparsity_epochs",
+                                 "num_experts", "expert_size"))
+        common["activation"] = "keep"
+        moe = thresholded_copy(ctx, dense)
     reference = Reference(dense.eval(), ctx.adapter)
     results = Results([])
     results.points.append({**common, "method": "dense", "rule": "dense", "tau": None, "k": None,
                            **measure_point(ctx, dense, reference, results)})
     # how sparse the converted model's activations are: every expert computed, no gate involved
-    set_gate(moe, AllExperts())
+    select(moe, AllExperts())
     # stats.json key -> layers; the projections' MLPs in module order (Q, K, V, O of each block)
     kinds = {"activation": "ffn", **({"attention_activation": "attention"} if cfg.attention.convert else {})}
     activations = {key: ActivationStats(kind) for key, kind in kinds.items()}
@@ -449,7 +495,7 @@ def evaluate_phase(ctx: Context, dense: nn.Module, moe: nn.Module) -> Results:
 
     set_impl(moe, cfg.experts.impl)
     for fields, gate in gates(cfg):
-        set_gate(moe, gate)
+        select(moe, gate)
         use = ExpertUse(ctx.adapter.patch_grid)
         point = {**common, "method": cfg.method.name, **fields, **measure_point(ctx, moe, reference, results, use)}
         results.points.append(point)

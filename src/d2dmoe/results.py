@@ -31,7 +31,7 @@ TOLERANCE = {"accuracy": 0.01, "loss": 0.02}  # absolute accuracy; relative loss
 
 POINT_KEYS = ("model", "data", "method", "rule", "tau", "k", "alpha", "num_experts", "macs", "rel_cost",
               "metric", "value", "val_value", "val_rel_cost", "seed")
-TABLE_KEYS = ("method", "rule", "tau", "k", "alpha", "num_experts", "experts_per_token", "attention",
+TABLE_KEYS = ("method", "rule", "tau", "k", "sparsity", "alpha", "num_experts", "experts_per_token", "attention",
               "attention_experts_per_token", "macs", "rel_cost", "value", "agreement", "kl_from_dense",
               "val_rel_cost", "val_value")
 
@@ -108,6 +108,8 @@ def read_stats(run_dir: Path) -> dict:
 def label(p: dict) -> str:
     if p["rule"] == "dynk":
         return f"tau={p['tau']:g}"
+    if p.get("sparsity") is not None:  # a training-free baseline's target
+        return f"s={p['sparsity']:g}"
     return f"k={p['k']}" if p["rule"] == "topk" else p["rule"]
 
 
@@ -125,8 +127,9 @@ def plot_pareto(points: list[dict], path: Path) -> Path:
             groups.setdefault((p["method"], p["rule"], p["alpha"]), []).append(p)
     for (method, rule, alpha), pts in groups.items():
         pts = sorted(pts, key=lambda p: p["rel_cost"])
+        trained = f" (alpha={alpha:g})" if alpha is not None else " (training-free)"
         ax.plot([p["rel_cost"] for p in pts], [p["value"] for p in pts], "o-", ms=4,
-                label=f"{method} {rule} (alpha={alpha:g})")
+                label=f"{method} {rule}{trained}" if rule != method else f"{method}{trained}")
         for p in pts:
             ax.annotate(label(p), (p["rel_cost"], p["value"]), fontsize=6, xytext=(3, -8),
                         textcoords="offset points")

@@ -1,6 +1,6 @@
 """Resuming a training phase killed part-way: Lightning checkpoints every `checkpoint_every` steps
-into `<artifacts_dir>/.work/<artifact key>/last.ckpt` (written to a temporary file and moved into
-place), holding the weights, optimizer, schedule and loop state, where training is in the data
+into `<artifacts_dir>/.work/<artifact key>/last.ckpt` (written beside it under a temporary name and
+renamed over it, AtomicCheckpointIO, so a kill mid-write leaves the previous checkpoint whole), holding the weights, optimizer, schedule and loop state, where training is in the data
 (`SplitData.state_dict`) and torch's random state (`RngState`). The same command started again
 continues from there, to the same result; the folder goes once the phase's artifact is saved. A
 checkpoint that cannot be read (cut short by a full disk, written over, or holding a pickle that
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 LAST = "last.ckpt"
@@ -31,6 +32,24 @@ class RngState(Callback):
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in their own folder, flushed, then renamed over the
+    last one. Lightning's own write goes through the system's temporary folder and a copy, which a
+    kill can cut short on another filesystem, losing the previous checkpoint with it."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def resume_callbacks(work_dir: Path, every: int) -> list[Callback]:

@@ -16,6 +16,7 @@ from .attention import INITS, projection_hidden
 from .models import ADAPTERS, Dims
 from .moe import IMPLS, ROUTER_KINDS, fused_unavailable
 from .sparsity import PENALTIES
+from .thresholds import RULES as THRESHOLD_RULES
 
 SCHEDULES = ("constant", "linear", "linear_warmup")
 ACTIVATIONS = ("relu", "keep")
@@ -81,7 +82,11 @@ CHECKS: dict[str, Rule | str] = {
     "artifacts_dir": TEXT,
     "checkpoint_every": at_least(0),
     "offline": BOOL,
-    "method.name": "a label written into the points; the method is what the other groups set",
+    "method.name": "a label written into the points; the method is what the other groups set, except for the "
+                   "training-free baselines (cats, teal: thresholds.py), which it selects",
+    "method.sparsities": Rule(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(SPLIT_FRACTION.ok(x) for x in v),
+                              "a non-empty list, each a number in (0, 1)"),
+    "method.calibration_batches": at_least(1),
     # model
     "model._target_": "the adapter class Hydra builds; Hydra names it when it cannot import it",
     "model.name": "a label (artifact names and points)",
@@ -217,6 +222,9 @@ def check_config(cfg: DictConfig) -> None:
     if d.get("test_fraction") == 0 and d.get("kind") != "splits":
         raise ConfigError("data.test_fraction", f"0 (no test split) needs data.kind=splits (a source without a test "
                                                 f"file); data.kind={d.get('kind')!r} cuts its test split itself")
+    if cfg.attention.convert and cfg.method.name in THRESHOLD_RULES:
+        raise ConfigError("attention.convert", f"method={cfg.method.name} thresholds the FFNs of the dense model as it is; "
+                                               "it converts no attention projections (set attention.convert=false)")
     if cfg.attention.convert and family in ADAPTERS and (reason := ADAPTERS[family].no_attention_conversion):
         raise ConfigError("attention.convert", reason)
     r = cfg.routing

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cost import dense_macs, executed_pairs, moe_model_macs
+from ..cost import dense_macs, executed_pairs, moe_model_macs, thresholded_model_macs
 from ..moe import moe_layers
 from ..sparsity import capture_activations
 from ..stats import ActivationStats, ExpertUse
+from ..thresholds import thresholded_layers
 
 # examples.npz's arrays per split (results.py): the metric's sum and count, MACs, the dense model's
 # MACs, and the fidelity's sum and count
@@ -81,8 +82,13 @@ class Evaluation(L.LightningModule):
         sums, counts = task.per_example(logits, batch, mask)
         dense = dense_macs(self.adapter, tokens, self.dims)
         moes = moe_layers(self.model)  # one walk over the modules per batch
-        self.keep(sum=sums, count=counts, dense_macs=dense,
-                  macs=moe_model_macs(self.adapter, self.model, mask, self.dims) if moes else dense)
+        if moes:
+            macs = moe_model_macs(self.adapter, self.model, mask, self.dims)
+        elif thresholded_layers(self.model):
+            macs = thresholded_model_macs(self.adapter, self.model, mask, self.dims)
+        else:
+            macs = dense
+        self.keep(sum=sums, count=counts, dense_macs=dense, macs=macs)
         if self.reference is not None:
             own = logits if self.reference.model is self.model else None  # the dense point: no second forward
             reference = self.reference.logits(self.split, batch_idx, batch, own)
