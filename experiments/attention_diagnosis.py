@@ -21,8 +21,9 @@ from hydra import compose, initialize_config_dir
 
 from d2dmoe import pipeline
 from d2dmoe.calibrate import measure
-from d2dmoe.cli import CONF
-from d2dmoe.moe import MoE, moe_layers, set_impl, set_layer_taus
+from d2dmoe.conf import CONF
+from d2dmoe.crossover import set_impl
+from d2dmoe.moe import MoE, moe_layers, set_layer_taus
 
 DEFAULT = ["experiment=fig_ablation_attention", "attention.convert=true"]
 FFN_TAUS, ATTENTION_TAUS = (0.2, 0.3, 0.4), (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)

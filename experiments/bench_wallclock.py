@@ -125,11 +125,12 @@ def model_rows(overrides: list[str], repeats: int, impl: str = "auto") -> dict:
 
     from d2dmoe.crossover import calibrate
     from d2dmoe.int8 import converted_int8, dense_int8
-    from d2dmoe.moe import DynamicKGate, moe_layers, set_gate, set_impl
+    from d2dmoe.crossover import set_impl
+    from d2dmoe.moe import DynamicKGate, moe_layers, set_gate
     from d2dmoe.phases.evaluate import Evaluation
     from d2dmoe.pipeline import convert
 
-    from d2dmoe.cli import CONF
+    from d2dmoe.conf import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
@@ -215,7 +216,8 @@ def synthetic_model_rows(repeats: int, device: str = "cpu", dtype: torch.dtype =
     from transformers import BertConfig, BertForSequenceClassification
 
     from d2dmoe.models.bert import BertAdapter
-    from d2dmoe.moe import TopKGate, moe_layers, set_gate, set_impl
+    from d2dmoe.crossover import set_impl
+    from d2dmoe.moe import TopKGate, moe_layers, set_gate
     from d2dmoe.phases.split import moe_skeleton
 
     def mean_experts(model) -> float:  # experts per token over every layer's last call

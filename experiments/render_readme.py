@@ -250,7 +250,7 @@ def preset_config(experiment: str | None):
     """A preset's config as it composes now (the built-in default: None); composed once per process."""
     from hydra import compose, initialize_config_dir
 
-    from d2dmoe.cli import CONF
+    from d2dmoe.conf import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=[f"experiment={experiment}"] if experiment else [])

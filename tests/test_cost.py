@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from d2dmoe.cost import dense_macs, moe_model_macs
 from d2dmoe.models import BertAdapter
-from d2dmoe.moe import DynamicKGate, TopKGate, moe_layers, set_gate, set_impl
+from d2dmoe.crossover import set_impl
+from d2dmoe.moe import DynamicKGate, TopKGate, moe_layers, set_gate
 from d2dmoe.phases.split import split_model
 from tests.conftest import compose_config
 

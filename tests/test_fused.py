@@ -15,7 +15,8 @@ from torch import nn
 
 triton = pytest.importorskip("triton")
 
-from d2dmoe.moe import FFN, MoE, Router, set_impl  # noqa: E402
+from d2dmoe.crossover import set_impl  # noqa: E402
+from d2dmoe.moe import FFN, MoE, Router  # noqa: E402
 
 # (d, d_ff, experts, activation, gated): expert sizes 12 (under one 16-wide tile), 40 (not a power
 # of two) and 96 (two 64-wide tiles); widths 100 and 72 are not multiples of the 32-wide d tile

@@ -5,7 +5,8 @@ from torch import nn
 
 from d2dmoe import crossover
 from d2dmoe.int8 import Int8Experts, converted_int8, dense_int8
-from d2dmoe.moe import FFN, MoE, Router, set_impl
+from d2dmoe.crossover import set_impl
+from d2dmoe.moe import FFN, MoE, Router, fastest
 
 # int8 weights (per row) and 7-bit activations (per call) against float32, on random weights:
 # the relative L2 error of a layer's output stays under this
@@ -131,10 +132,10 @@ def test_the_table_holds_the_fastest_execution_per_fraction_and_calls_take_the_n
     assert [f for f, _ in table] == [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
     assert [impl for f, impl in table if f <= 0.3] == ["gather"] * 5
     assert {impl for f, impl in table if f >= 0.4} == {"masked"}
-    assert crossover.fastest(table, 0.34) == "gather" and crossover.fastest(table, 0.36) == "masked"
+    assert fastest(table, 0.34) == "gather" and fastest(table, 0.36) == "masked"
     # faster at every fraction short of every expert
     table = crossover.measure(moe, ("masked", "gather"), tokens=8, timer=fake_timer(1, 4))
-    assert crossover.fastest(table, 0.85) == "gather" and crossover.fastest(table, 0.95) == "masked"
+    assert fastest(table, 0.85) == "gather" and fastest(table, 0.95) == "masked"
     # slower already at 1 of 20 experts: masked everywhere
     table = crossover.measure(moe, ("masked", "gather"), tokens=8, timer=fake_timer(100, 4))
     assert {impl for _, impl in table} == {"masked"}

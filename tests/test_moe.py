@@ -305,7 +305,7 @@ def test_gather_equals_masked(case):
 
 def test_gather_runs_only_selected_experts():
     """With impl=gather the forward follows the gate, and unselected experts cost no matmul."""
-    from d2dmoe.moe import set_impl
+    from d2dmoe.crossover import set_impl
 
     ffn = random_ffn()
     moe, _ = split_ffn(ffn, 4)

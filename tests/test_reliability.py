@@ -117,7 +117,14 @@ def test_concurrent_jobs_make_a_shared_artifact_once(tmp_path):
     assert all(torch.equal(o["weight"], outs[0]["weight"]) for o in outs)
 
 
-@pytest.mark.parametrize("trainer", ["default", pytest.param("fsdp", marks=pytest.mark.slow)])
+# Known bug: under FSDP the resumed sparsify weights differ from an uninterrupted run's by up to 1.7e-4
+# (two uninterrupted FSDP runs are identical; DDP and one process resume exactly); the full optimizer
+# state's save and load through Lightning's ModelParallelStrategy is the suspect. strict: it fails
+# once fixed, so that the mark goes with the bug.
+FSDP_RESUME_BUG = pytest.mark.xfail(strict=True, reason="FSDP resume is not exact yet (docs/reliability.md)")
+
+
+@pytest.mark.parametrize("trainer", ["default", pytest.param("fsdp", marks=[pytest.mark.slow, FSDP_RESUME_BUG])])
 def test_a_run_killed_during_sparsify_resumes_to_the_same_points(tmp_path, trainer):
     """SIGKILL after sparsify's third checkpoint (second epoch), run the same command again: it
     continues from that checkpoint (dense is not retrained) and ends with the points of a run that

@@ -11,8 +11,7 @@ from __future__ import annotations
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
                           AutoModelForSequenceClassification, PretrainedConfig)
 
-MODEL_TYPE = "d2dmoe"
-HOW_TO_LOAD = "a D2DMoE-converted model: load it with d2dmoe.load(folder), or with transformers' Auto classes after `import d2dmoe`"
+from .export import MODEL_TYPE, load
 
 
 class D2DMoEConfig(PretrainedConfig):
@@ -28,8 +27,6 @@ class D2DMoEAutoModel:
 
     @classmethod
     def from_pretrained(cls, path, *args, device_map=None, trust_remote_code: bool = False, **kwargs):
-        from .export import load
-
         device = device_map if isinstance(device_map, str) and device_map != "auto" else "cpu"
         return load(path, device=device, trust_remote_code=trust_remote_code)
 
@@ -39,8 +36,3 @@ def register() -> None:
     for auto in (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForImageClassification):
         auto.register(D2DMoEConfig, D2DMoEAutoModel, exist_ok=True)
 
-
-def marker(base) -> dict:
-    """config.json of a converted folder whose original config is `base`."""
-    return {"model_type": MODEL_TYPE, "base_model_type": base.model_type,
-            "architectures": [f"D2DMoE{a}" for a in (base.architectures or [])], "d2dmoe": HOW_TO_LOAD}

@@ -21,9 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
-
-CONF = Path(__file__).resolve().parent / "conf"  # the configs, inside the package (conf/ at the top links here)
-CONF_PACKAGE = "pkg://d2dmoe.conf"  # the same, as Hydra finds it in an installed package
+CONF_PACKAGE = "pkg://d2dmoe.conf"  # the configs (d2dmoe.conf), as Hydra finds them in an installed package
 USAGE = __doc__.split("\n\n")[1]
 HELP = f"""usage:
 {USAGE}

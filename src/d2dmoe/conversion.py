@@ -14,7 +14,8 @@ from torch import nn
 from . import pipeline
 from .calibrate import layer_calibration, measure
 from .export import ConvertedModel, choose_tau, model_spec, save
-from .moe import DynamicKGate, free_scratch, set_gate, set_impl, set_layer_taus
+from .crossover import set_impl
+from .moe import DynamicKGate, free_scratch, set_gate, set_layer_taus
 from .validate import ConfigError
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .moe import DynamicKGate, MoE, fused_unavailable, moe_layers, set_gate
+from .moe import IMPLS, DynamicKGate, MoE, fused_unavailable, moe_layers, set_gate
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 TOKENS = 4096  # per timed call: as many rows as a batch of 32 x 128, so per-call overheads weigh as they do there
@@ -75,11 +75,6 @@ def measure(moe: MoE, impls: tuple[str, ...], tokens: int = TOKENS, timer=execut
     return table + [(1.0, "masked")]
 
 
-def fastest(table: list[tuple[float, str]], fraction: float) -> str:
-    """The execution measured fastest at the ladder fraction nearest `fraction`."""
-    return min(table, key=lambda row: abs(row[0] - fraction))[1]
-
-
 def table_key(moe: MoE, impls: tuple[str, ...]) -> tuple:
     return ((moe.d, moe.expert_size, moe.num_experts, moe.up is not None), str(moe.w1.device), moe.w1.dtype,
             impls, torch.get_num_threads())
@@ -126,3 +121,24 @@ def calibrate(model: torch.nn.Module, run, taus, timer=execution_ms) -> None:
             moe.gate = gate
     for moe in layers:
         moe.fastest, moe.impl = sorted(tables[moe]) + [(1.0, "masked")], "auto"
+
+
+def set_impl(model: torch.nn.Module, impl: str) -> None:
+    """Choose how every MoE layer executes its experts: `masked`, `gather`, `grouped`, `fused` or
+    `auto` (same outputs). `fused` is checked here, before any compute: a GPU (or Triton's interpreter) and
+    activations the kernel knows. `auto` times each layer shape's executions here (once per shape,
+    device, dtype and thread count): masked against `fused` on a GPU where it can run, else `gather`."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown MoE execution {impl!r}; allowed: {list(IMPLS)}")
+    layers = moe_layers(model)
+    if impl == "fused":
+        if reason := fused_unavailable():
+            raise ValueError(reason)
+        from .fused import activation_name
+
+        for moe in layers:
+            activation_name(moe.act)
+    if impl == "auto":
+        set_tables(layers)
+    for moe in layers:
+        moe.impl = impl

@@ -34,10 +34,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .architecture import build
-from .auto import marker
 from .models import ADAPTERS, VitAdapter
 from .models.detect import resolved
-from .moe import DynamicKGate, moe_layers, set_gate, set_impl, set_layer_taus
+from .crossover import set_impl
+from .moe import DynamicKGate, moe_layers, set_gate, set_layer_taus
 from .tasks import sign
 
 CONFIG = "d2dmoe.json"
@@ -47,6 +47,8 @@ FORMAT = 2  # 2: config.json is the d2dmoe marker, the original's in base/ (1: t
 READS = (1, 2)
 HUB_ONLY_KEYS = ("gguf_file", "tokenizer", "weights_file")  # how the original was fetched, not what it is
 # the adapters a folder may name, under the names the model configs and model=auto give them
+MODEL_TYPE = "d2dmoe"  # config.json's model_type in a converted transformers folder (auto.py registers it)
+HOW_TO_LOAD = "a D2DMoE-converted model: load it with d2dmoe.load(folder), or with transformers' Auto classes after `import d2dmoe`"
 KNOWN_ADAPTERS = {name: cls for cls in ADAPTERS.values()
                   for name in (f"d2dmoe.models.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}")}
 
@@ -198,6 +200,13 @@ def model_spec(model_cfg: dict, moe: nn.Module, num_labels: int | None, activati
                         "attention": None if attention is None else
                         {"num_experts": projections[0].num_experts, "router_hidden": attention[1],
                          "hidden": projections[0].num_experts * projections[0].expert_size}}}
+
+
+def marker(base) -> dict:
+    """config.json of a converted folder whose original config is `base`: transformers refuses it
+    without d2dmoe, and loads it through auto.py with it."""
+    return {"model_type": MODEL_TYPE, "base_model_type": base.model_type,
+            "architectures": [f"D2DMoE{a}" for a in (base.architectures or [])], "d2dmoe": HOW_TO_LOAD}
 
 
 def mismatch(model: nn.Module, weights: Path) -> str:

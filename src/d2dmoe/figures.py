@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from .cli import CONF
+from .conf import CONF
 from .evidence import (
     Curve,
     paired_margins,

@@ -195,8 +195,6 @@ class MoE(nn.Module):
         fraction. Reading the fraction waits on the device (as gather's token counts do)."""
         if self.fastest is None:
             raise RuntimeError("experts.impl=auto needs its executions timed first: set it with set_impl")
-        from .crossover import fastest
-
         return fastest(self.fastest, mask.sum().item() / max(mask.numel(), 1))
 
     def execute(self, x: torch.Tensor, mask: torch.Tensor, impl: str) -> torch.Tensor:
@@ -330,6 +328,11 @@ def free_scratch() -> None:
     SCRATCH.clear()
 
 
+def fastest(table: list[tuple[float, str]], fraction: float) -> str:
+    """The execution measured fastest at the ladder fraction nearest `fraction` (crossover.py times them)."""
+    return min(table, key=lambda row: abs(row[0] - fraction))[1]
+
+
 def bias(linear: nn.Linear, size: int) -> torch.Tensor:
     return linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(size)
 
@@ -365,26 +368,3 @@ def fused_unavailable() -> str | None:
     except ImportError:
         return "experts.impl=fused needs triton (it comes with torch's Linux CUDA wheels)"
     return available()
-
-
-def set_impl(model: nn.Module, impl: str) -> None:
-    """Choose how every MoE layer executes its experts: `masked`, `gather`, `grouped`, `fused` or
-    `auto` (same outputs). `fused` is checked here, before any compute: a GPU (or Triton's interpreter) and
-    activations the kernel knows. `auto` times each layer shape's executions here (once per shape,
-    device, dtype and thread count): masked against `fused` on a GPU where it can run, else `gather`."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown MoE execution {impl!r}; allowed: {list(IMPLS)}")
-    layers = moe_layers(model)
-    if impl == "fused":
-        if reason := fused_unavailable():
-            raise ValueError(reason)
-        from .fused import activation_name
-
-        for moe in layers:
-            activation_name(moe.act)
-    if impl == "auto":
-        from .crossover import set_tables
-
-        set_tables(layers)
-    for moe in layers:
-        moe.impl = impl

@@ -21,7 +21,8 @@ from .artifacts import INFO, Artifact
 from .attention import finish_distillation, install_projection_mlps
 from .early_stopping import KeepBest
 from .models import Dims
-from .moe import AllExperts, DynamicKGate, TopKGate, free_scratch, set_gate, set_impl
+from .crossover import set_impl
+from .moe import AllExperts, DynamicKGate, TopKGate, free_scratch, set_gate
 from .phases.attention import AttentionDistillation
 from .phases.evaluate import Evaluation, Reference
 from .phases.finetune import TaskTraining
