@@ -43,6 +43,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from d2dmoe.evidence import curve_band, describe, t_interval
+from d2dmoe.thresholds import RULES as THRESHOLD_RULES
 from d2dmoe.figures import (
     COST_GRID,
     COST_LABEL,
@@ -65,11 +66,24 @@ COMMAND = "python run.py -m experiment=fig_main"
 SWEEPS = ("results/fig_main", "results/fig_main_carer", "results/fig_main_vit", "results/fig_main_gpt2")  # a panel each
 
 
-def margins(d2dmoe: dict, moefication: dict, resamples: int) -> dict:
-    """D2DMoE minus MoEfication on the seeds both have (paired by seed), summarised."""
-    out = compare([(d2dmoe[s], "dynk", moefication[s], "topk") for s in sorted(d2dmoe)], resamples)
-    out["moefication_leads_excluding_0"] = out.pop("b_leads_excluding_0")
-    return {"seeds": sorted(d2dmoe), **out}
+def margins(d2dmoe: dict, other: dict, resamples: int, rule: str = "topk", name: str = "moefication") -> dict:
+    """D2DMoE minus another method (MoEfication, top-k; or a baseline's rule) on the seeds `other`
+    has (paired by seed), summarised."""
+    out = compare([(d2dmoe[s], "dynk", other[s], rule) for s in sorted(other)], resamples)
+    out[f"{name}_leads_excluding_0"] = out.pop("b_leads_excluding_0")
+    return {"seeds": sorted(other), **out}
+
+
+def baselines(runs: list, model: str, data: str, d2d: dict) -> dict[str, dict]:
+    """The training-free baselines (method=cats, teal: their rule is their name), per seed, on the
+    seeds D2DMoE has; only those the sweep ran."""
+    out = {}
+    for name in THRESHOLD_RULES:
+        want = {"model": model, "data": data, "method": name, "rule": name}
+        by_seed = {seed: run for seed, run in choose_by_seed(runs, want).items() if seed in d2d}
+        if by_seed:
+            out[name] = by_seed
+    return out
 
 
 def original_router(runs: list, model: str, data: str, d2d: dict) -> dict:
@@ -148,6 +162,9 @@ def main(argv=None) -> int:
                   ("MoEfication (top-k, k)", moef, "topk", "s--")]
         if original:
             curves.append(("MoEfication, its original router (top-k, k)", original, "topk", "^:"))
+        base = baselines(runs, model, data, d2d)  # {name: {seed: run}}, where the sweep ran them
+        for (name, by_seed), style in zip(base.items(), ("d-.", "v-.")):
+            curves.append((f"{name.upper()} (training-free, target sparsity)", by_seed, name, style))
         for label, by_seed, rule, style in curves:
             costs, band = mean_curve(by_seed, rule, max(args.resamples // 4, 100))
             line, = ax.plot(costs, band["mean"], style[1:], label=f"{label}, mean of {len(by_seed)} seeds")
@@ -184,6 +201,8 @@ def main(argv=None) -> int:
         if original:  # the same comparison against MoEfication's own router, on the seeds it has
             s["chosen"]["moefication_original"] = {str(k): r.tuned for k, r in original.items()}
             s["d2dmoe_minus_moefication_original"] = margins({k: d2d[k] for k in original}, original, args.resamples)
+        for name, by_seed in base.items():  # D2DMoE against each training-free baseline, on its seeds
+            s[f"d2dmoe_minus_{name}"] = margins(d2d, by_seed, args.resamples, rule=name, name=name)
         if len(alphas) > 1:
             s["by_alpha"] = {}
             for a in alphas:
@@ -218,11 +237,14 @@ def report(panel: str, s: dict) -> None:
         print(f"  worst in the shared range {m['shared_range']}: {describe(m['worst'], 'margin', metric)} "
               f"at rel_cost {m['worst']['rel_cost']:.3f}")
     print(f"  MoEfication ahead with an interval excluding 0: {m['moefication_leads_excluding_0'] or 'nowhere'}")
-    if o := s.get("d2dmoe_minus_moefication_original"):
-        parts = [f"at {cost} {describe(row, 'margin', metric)}" for cost, row in o["at"].items()]
-        if o["worst"]:
-            parts.append(f"worst {describe(o['worst'], 'margin', metric)} at {o['worst']['rel_cost']:.3f}")
-        print(f"  against MoEfication's original router (seeds {o['seeds']}): {'; '.join(parts)}")
+    others = [("moefication_original", "MoEfication's original router"),
+              *((name, f"{name.upper()} (training-free)") for name in THRESHOLD_RULES)]
+    for key, who in others:
+        if o := s.get(f"d2dmoe_minus_{key}"):
+            parts = [f"at {cost} {describe(row, 'margin', metric)}" for cost, row in o["at"].items()]
+            if o["worst"]:
+                parts.append(f"worst {describe(o['worst'], 'margin', metric)} at {o['worst']['rel_cost']:.3f}")
+            print(f"  against {who} (seeds {o['seeds']}): {'; '.join(parts) or 'no shared cost range'}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from d2dmoe.claims import CLAIMS, PENDING, findings, overall
 from d2dmoe.evidence import describe
 from d2dmoe.results import TOLERANCE, cheapest_within, label
 from d2dmoe.tasks import sign
+from d2dmoe.thresholds import RULES as THRESHOLD_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- results:begin -->"
@@ -111,7 +112,7 @@ def claims(root: Path) -> list[str]:
 
 def main_figure(root: Path) -> list[str]:
     if not (root / MAIN_JSON).exists():
-        return [f"The main figure (D2DMoE against MoEfication, three seeds per panel) is pending: no panel's per-seed "
+        return ["The main figure (D2DMoE against MoEfication, three seeds per panel) is pending: no panel's per-seed "
                 "data is committed under `figures/data/`. Make a panel with `python run.py -m experiment=fig_main` "
                 "(or `fig_main_carer`, `fig_main_gpt2`, `fig_main_vit`), then `python experiments/reproduce.py "
                 "--collect <sweep dir> --as <panel folder> && python experiments/reproduce.py`.", ""]
@@ -165,6 +166,16 @@ def main_figure(root: Path) -> list[str]:
                     f"unit-normalised input, started at the experts' centroids; seeds {', '.join(map(str, o['seeds']))}, "
                     f"test): {'; '.join(parts)}; that router ahead with an interval excluding 0: "
                     f"{'nowhere' if lead is None else f'from rel_cost {lead[0]:.3f} to {lead[1]:.3f}'}.", ""]
+        for name in THRESHOLD_RULES:  # the training-free baselines, where the sweep ran them
+            if b := s.get(f"d2dmoe_minus_{name}"):
+                parts = margin_parts(b, metric)
+                lead = b[f"{name}_leads_excluding_0"]
+                span = "none" if b["shared_range"] is None else f"{b['shared_range'][0]:.3f} to {b['shared_range'][1]:.3f}"
+                out += [f"D2DMoE minus {name.upper()} (`method={name}`: training-free, thresholds calibrated on training "
+                        f"batches to each target sparsity; seeds {', '.join(map(str, b['seeds']))}, test, shared rel_cost "
+                        f"range {span}): {'; '.join(parts) or 'no shared cost range'}; {name.upper()} ahead with an "
+                        f"interval excluding 0: {'nowhere' if lead is None else f'from rel_cost {lead[0]:.3f} to {lead[1]:.3f}'}.",
+                        ""]
         others = {a: row for a, row in s.get("by_alpha", {}).items() if not math.isclose(float(a), s["alpha"])}
         for a, row in others.items():  # the same comparison at the other alphas run
             parts = margin_parts(row, metric)
@@ -224,7 +235,8 @@ def moved_on(panel: str, s: dict) -> list[str]:
 
 def margin_parts(row: dict, metric: str) -> list[str]:
     """A margin summary (fig_main.margins) as phrases: at each checked rel_cost, and at its worst point."""
-    parts = [f"at rel_cost {cost} {describe(r, 'margin', metric)}" for cost, r in row["at"].items()]
+    parts = [f"at rel_cost {cost} {describe(r, 'margin', metric) if r else 'none (outside the shared range)'}"
+             for cost, r in row["at"].items()]
     if row["worst"]:
         parts.append(f"at its worst point ({row['worst']['rel_cost']:.3f}) {describe(row['worst'], 'margin', metric)}")
     return parts

@@ -60,7 +60,7 @@ def make_run(path: Path, setting: dict, curves: dict[str, list[tuple]], patches:
                         for rule, curve in curves.items() for i, (x, c, v) in enumerate(curve)]
     write_points(points, path)
     write_examples({"test": split_examples(points, ""), "validation": split_examples(points, "val_")}, path)
-    zero = 0.9 if setting.get("alpha", 0.01) > 0 else 0.5
+    zero = 0.9 if (setting.get("alpha", 0.01) or 0) > 0 else 0.5
     hist = [0] * 50
     hist[int((1 - zero) * 49)] = 100
     stats = {"activation": [{"layer": i, "zero_fraction": zero, "zero_fraction_std": 0.05,
@@ -175,6 +175,24 @@ def test_fig_main_adds_moefications_original_router_where_it_ran(tmp_path):
     assert paper["at"]["0.5"]["mean"] == pytest.approx(0.88 - (0.5 + 0.35 * 2 / 3))
     assert own["at"]["0.5"]["mean"] == pytest.approx(paper["at"]["0.5"]["mean"] + 0.05)
     assert set(summary["chosen"]) == {"d2dmoe", "moefication", "moefication_original"}
+
+
+def test_fig_main_adds_the_training_free_baselines_where_they_ran(tmp_path):
+    """A CATS run (its rule is its name, no router, no alpha) gets its curve and a margin of D2DMoE
+    against it, measured on its own points; the headline margin stays against MoEfication."""
+    make_run(tmp_path / "sweep" / "0", {}, {"dynk": DYNK})
+    make_run(tmp_path / "sweep" / "1", {"method": "moefication", "router": "moefication", "alpha": 0.0},
+             {"topk": TOPK})
+    cats = [(None, 0.8, 0.85), (None, 0.6, 0.6), (None, 0.45, 0.3)]
+    make_run(tmp_path / "sweep" / "2", {"method": "cats", "router": None, "alpha": None, "num_experts": None},
+             {"cats": cats})
+    script("fig_main").main(["--results", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"),
+                             "--resamples", "100"])
+    summary = json.loads((tmp_path / "out" / "fig_main.json").read_text())["tiny/toy"]
+    against = summary["d2dmoe_minus_cats"]
+    # D2DMoE at 0.5: 0.88; CATS's frontier at 0.5 between (0.45, 0.3) and (0.6, 0.6): 0.3 + 0.3 / 3
+    assert against["at"]["0.5"]["mean"] == pytest.approx(0.88 - 0.4)
+    assert against["seeds"] == [0] and summary["d2dmoe_minus_moefication"]["at"]["0.5"]["mean"] != against["at"]["0.5"]["mean"]
 
 
 def test_fig_main_margin_for_each_alpha(tmp_path):
