@@ -30,7 +30,6 @@ from torch import nn
 
 from .conversion import Conversion, convert_to_budget
 from .job import quiet_libraries
-from .validate import check_config
 
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 SHORT_KEYS = {"budget": "convert.budget", "per_layer": "convert.per_layer"}
@@ -69,7 +68,6 @@ def convert(model: nn.Module, train_data, val_data, test_data=None, *, tokenizer
                  **({} if language_model else {"label_column": "label", "label_names": names})},
         "dense": {"epochs": 0},
         "trainer": {"enable_progress_bar": progress}}, language_model)
-    check_config(cfg)
     quiet_libraries()  # Lightning's banners would come once per measured tau
     return convert_to_budget(cfg, progress=progress, out=out)
 

@@ -101,10 +101,8 @@ def convert_overrides(args: list[str]) -> list[str]:
 def convert_job(cfg: DictConfig) -> dict:
     from .conversion import convert_to_budget
     from .job import quiet_libraries
-    from .validate import check_config
 
-    check_config(cfg)  # the convert.* keys among them
-    quiet_libraries()
+    quiet_libraries()  # the config (convert.* keys among them) is checked once, in pipeline.build_context
     conversion = convert_to_budget(cfg, progress=bool(cfg.trainer.enable_progress_bar), out=cfg.convert.out)
     print(f"\n{info(conversion.folder)}\n", flush=True)
     return conversion.spec
